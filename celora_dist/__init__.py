@@ -1,0 +1,25 @@
+"""celora-dist: CE-LoRA fine-tuning (approximate activation gradients for LoRA) at scale.
+
+    from celora_dist import CELoRAConfig, inject_celora, on_optimizer_step
+    model = inject_celora(model, CELoRAConfig())
+    ...; loss.backward(); optimizer.step(); on_optimizer_step(model)
+"""
+from .adapters import load_adapter, merge_celora, save_adapter
+from .config import CELoRAConfig
+from .inject import inject_celora
+from .layer import CELoRALinear
+from .selection import celora_state_dict, load_celora_state_dict, on_optimizer_step, telemetry
+
+__all__ = [
+    "CELoRAConfig",
+    "CELoRALinear",
+    "inject_celora",
+    "on_optimizer_step",
+    "telemetry",
+    "save_adapter",
+    "load_adapter",
+    "merge_celora",
+    "celora_state_dict",
+    "load_celora_state_dict",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,116 @@
+"""CELoRAConfig: which layers to convert and how hard to approximate them.
+
+Defaults are the CE-LoRA authors' released configuration (DESIGN.md §1): q/k/gate
+exact, v/o at keep 0.55, up/down at keep 0.65, r = r0 = 14, rsLoRA alpha 32,
+index refresh every 200 optimizer steps.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+SCORE_MODES = ("gradient", "static")
+
+RELEASED_KEEP = {"v_proj": 0.55, "o_proj": 0.55, "up_proj": 0.65, "down_proj": 0.65}
+RELEASED_EXACT = ("q_proj", "k_proj", "gate_proj")
+
+
+@dataclass
+class CELoRAConfig:
+    """Configuration of a CE-LoRA fine-tune.
+
+    keep: fraction of output features KEPT in the approximate ``G @ W0`` per module
+        name (the last component of the module path, e.g. ``"v_proj"``).
+    exact: module names converted as plain LoRA (keep = 1, no SVD).
+    refresh_every: optimizer steps between index refreshes (tau).
+    score: ``"gradient"`` (‖G[:, i]‖·‖Ws[i, :]‖, the default) or ``"static"``
+        (‖Ws[i, :]‖ alone, the released code's behaviour, for comparison).
+    sync_indices: all-reduce the scores over the data-parallel group so every rank
+        selects the same indices.
+    """
+
+    r: int = 14
+    alpha: float = 32.0
+    rslora: bool = True
+    r0: int = 14
+    keep: dict[str, float] = field(default_factory=lambda: dict(RELEASED_KEEP))
+    exact: tuple[str, ...] = RELEASED_EXACT
+    dropout: float = 0.0
+    refresh_every: int = 200
+    score: str = "gradient"
+    sync_indices: bool = True
+
+    def __post_init__(self) -> None:
+        self.exact = tuple(self.exact)
+        self.keep = dict(self.keep)
+        self.validate()
+
+    # -- validation ---------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ValueError naming the offending field; called on construction."""
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"CELoRAConfig.r must be a positive integer, got {self.r!r}")
+        if not isinstance(self.r0, int) or self.r0 < 0:
+            raise ValueError(f"CELoRAConfig.r0 must be a non-negative integer, got {self.r0!r}")
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"CELoRAConfig.alpha must be a positive number, got {self.alpha!r}")
+        if not (0.0 <= self.dropout < 1.0):
+            raise ValueError(f"CELoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.refresh_every, int) or self.refresh_every < 1:
+            raise ValueError(
+                f"CELoRAConfig.refresh_every must be a positive integer (optimizer steps), "
+                f"got {self.refresh_every!r}"
+            )
+        if self.score not in SCORE_MODES:
+            raise ValueError(f"CELoRAConfig.score must be one of {SCORE_MODES}, got {self.score!r}")
+        for name, value in self.keep.items():
+            if not isinstance(value, (int, float)) or not (0.0 < value <= 1.0) or math.isnan(value):
+                raise ValueError(
+                    f"CELoRAConfig.keep[{name!r}] must be a fraction in (0, 1] (the share of output "
+                    f"features kept), got {value!r}"
+                )
+        both = sorted(set(self.keep) & set(self.exact))
+        if both:
+            raise ValueError(f"CELoRAConfig: modules {both} are listed in both keep and exact")
+        if not self.keep and not self.exact:
+            raise ValueError("CELoRAConfig: keep and exact are both empty; nothing to convert")
+
+    # -- helpers ------------------------------------------------------------------
+    @property
+    def scaling(self) -> float:
+        """LoRA scale s: alpha/sqrt(r) with rsLoRA, alpha/r otherwise."""
+        return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
+
+    @property
+    def target_modules(self) -> list[str]:
+        return list(self.exact) + list(self.keep)
+
+    def keep_for(self, module_name: str) -> float | None:
+        """Keep ratio for a module path, 1.0 for exact modules, None if not targeted."""
+        leaf = module_name.rsplit(".", 1)[-1]
+        for key in self.exact:
+            if module_name == key or leaf == key or module_name.endswith("." + key):
+                return 1.0
+        for key, value in self.keep.items():
+            if module_name == key or leaf == key or module_name.endswith("." + key):
+                return float(value)
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["exact"] = list(self.exact)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CELoRAConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"CELoRAConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        return cls(**dict(d))
+
+
+def num_kept(keep: float, m: int) -> int:
+    """k = ceil(keep * m), robust to float noise (0.55 * 100 is 55.000000000000007)."""
+    return min(m, max(1, math.ceil(round(keep * m, 9))))

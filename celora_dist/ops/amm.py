@@ -1,0 +1,64 @@
+"""Reference for the CE-LoRA activation gradient (DESIGN.md §1).
+
+    dX = [ G[:, I] | G[:, Ī] B0[Ī] | L ] @ [ W0[I, :] ; A0 ; R ]
+
+with I the kept output features, Ī their complement, and (L, R) an optional extra
+low-rank term (the trainable LoRA: L = s·G B, R = A). With ``selected=None`` it is
+the exact ``G @ W0 + L @ R``. Ws = W0 − B0 A0 is never formed.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def celora_grad_input(
+    grad_output: Tensor,
+    weight: Tensor,
+    selected: Tensor | None = None,
+    complement: Tensor | None = None,
+    B0: Tensor | None = None,
+    A0: Tensor | None = None,
+    lora_left: Tensor | None = None,
+    lora_right: Tensor | None = None,
+) -> Tensor:
+    """dX for a (T, m) upstream gradient and an (m, n) frozen weight.
+
+    selected / complement: sorted LongTensors partitioning range(m), or None (exact).
+    B0 (m, r0), A0 (r0, n): the double-LoRA factors, needed when selected is given.
+    lora_left (T, r), lora_right (r, n): an extra term added exactly.
+    Matmuls run in the input dtype; torch accumulates bf16/fp16 GEMMs in fp32.
+    """
+    if grad_output.dim() != 2 or weight.dim() != 2 or grad_output.shape[1] != weight.shape[0]:
+        raise ValueError(
+            f"celora_grad_input: grad_output {tuple(grad_output.shape)} and weight "
+            f"{tuple(weight.shape)} do not chain as (T, m) @ (m, n)"
+        )
+    has_lora = lora_left is not None and lora_right is not None
+    if selected is None:
+        # Exact: dense dX, the plain LoRA backward.
+        out = grad_output @ weight
+        if has_lora:
+            out.addmm_(lora_left, lora_right)
+        return out
+    if B0 is None or A0 is None or complement is None:
+        raise ValueError("celora_grad_input: approximate mode needs complement, B0 and A0")
+    lefts = [grad_output.index_select(1, selected)]
+    rights = [weight.index_select(0, selected)]
+    if B0.shape[1] > 0:
+        lefts.append(grad_output.index_select(1, complement) @ B0.index_select(0, complement))
+        rights.append(A0)
+    if has_lora:
+        lefts.append(lora_left)
+        rights.append(lora_right)
+    return torch.cat(lefts, dim=1) @ torch.cat(rights, dim=0)
+
+
+def gradient_scores(grad_output: Tensor) -> Tensor:
+    """Per-output-feature squared column norms ‖G[:, i]‖² of a (T, m) gradient, in fp32.
+
+    Squared norms add across micro-batches and data-parallel ranks; the score of
+    feature i is then colsq_i · ‖Ws[i, :]‖² (the square of DESIGN.md's score).
+    """
+    g = grad_output.float()
+    return (g * g).sum(dim=0)

@@ -1,0 +1,46 @@
+"""Shared helpers: tiny models, PEFT twins and gradient capture."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import pytest
+import torch
+from torch import nn
+
+
+class OneLinear(nn.Module):
+    """A module with one linear called ``proj`` — the unit PEFT and we both wrap."""
+
+    def __init__(self, n: int, m: int, bias: bool = True, dtype=torch.float32):
+        super().__init__()
+        self.proj = nn.Linear(n, m, bias=bias, dtype=dtype)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def decaying_weight(m: int, n: int, decay: float = 0.15, seed: int = 0) -> torch.Tensor:
+    """A weight with a geometrically decaying spectrum, like trained LLM projections."""
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(m, min(m, n), generator=g))
+    V, _ = torch.linalg.qr(torch.randn(n, min(m, n), generator=g))
+    S = torch.exp(-decay * torch.arange(min(m, n), dtype=torch.float32)) + 0.05
+    return (U * S) @ V.T
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+               tie_word_embeddings=False)
+    cfg.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
