@@ -28,6 +28,8 @@ class CELoRAConfig:
         (‖Ws[i, :]‖ alone, the released code's behaviour, for comparison).
     sync_indices: all-reduce the scores over the data-parallel group so every rank
         selects the same indices.
+    head_keep: fraction of vocabulary rows kept in the LM head's backward (None: the
+        head's dX stays exact). See celora_dist/head.py.
     """
 
     r: int = 14
@@ -40,6 +42,7 @@ class CELoRAConfig:
     refresh_every: int = 200
     score: str = "gradient"
     sync_indices: bool = True
+    head_keep: float | None = None
 
     def __post_init__(self) -> None:
         self.exact = tuple(self.exact)
@@ -70,6 +73,11 @@ class CELoRAConfig:
                     f"CELoRAConfig.keep[{name!r}] must be a fraction in (0, 1] (the share of output "
                     f"features kept), got {value!r}"
                 )
+        if self.head_keep is not None and (
+            not isinstance(self.head_keep, (int, float)) or not (0.0 < self.head_keep <= 1.0)
+            or math.isnan(self.head_keep)
+        ):
+            raise ValueError(f"CELoRAConfig.head_keep must be None or a fraction in (0, 1], got {self.head_keep!r}")
         both = sorted(set(self.keep) & set(self.exact))
         if both:
             raise ValueError(f"CELoRAConfig: modules {both} are listed in both keep and exact")

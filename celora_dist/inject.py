@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import CELoRAConfig
+from .head import sparsify_lm_head
 from .layer import CELoRALinear
 
 
@@ -58,6 +59,9 @@ def inject_celora(model: nn.Module, cfg: CELoRAConfig, verbose: bool = True) -> 
         n_exact += layer.is_exact
         n_approx += not layer.is_exact
 
+    if cfg.head_keep is not None:
+        sparsify_lm_head(model, cfg.head_keep, measure_every=cfg.refresh_every)
+
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     model.celora_config = cfg
@@ -70,5 +74,6 @@ def inject_celora(model: nn.Module, cfg: CELoRAConfig, verbose: bool = True) -> 
             f"CE-LoRA: converted {n_exact + n_approx} linear layers ({n_exact} exact, "
             f"{n_approx} approximate); trainable params {trainable:,} of {total:,} "
             f"({100.0 * trainable / max(total, 1):.2f}%)"
+            + (f"; LM head backward keeps {cfg.head_keep:.0%} of vocabulary rows" if cfg.head_keep else "")
         )
     return model

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .config import SCORE_MODES, num_kept
 from .kernels import grad_input
 from .ops.amm import gradient_scores
-from .selection import complement_of, select_indices
+from .selection import RelErrorMeter, complement_of, select_indices
 
 # Row block for the one-off residual norm computation: bounds the fp32 temporary to
 # _ROW_BLOCK × n instead of a full m × n copy of W0.
@@ -109,7 +109,7 @@ class _CELoRAFunction(torch.autograd.Function):
                 dX = grad_input(G, weight, None, None, None, None, left, right)
                 if refresh and layer.selected is not None:
                     approx = grad_input(G, weight, layer.selected, layer.complement, B0, A0, left, right)
-                    layer._accumulate_error(approx, dX)
+                    layer.error.add(approx, dX)
             else:
                 dX = grad_input(G, weight, layer.selected, layer.complement, B0, A0, left, right)
             dX = dX.view(ctx.x_shape)
@@ -126,6 +126,8 @@ class CELoRALinear(nn.Module):
     None for exact layers), ``scaling``, ``selected`` (kept output features, None
     while the backward is exact).
     """
+
+    _celora_scheduled = True  # driven by on_optimizer_step, reported by telemetry
 
     def __init__(
         self,
@@ -191,10 +193,7 @@ class CELoRALinear(nn.Module):
 
         self.step = 0  # optimizer steps seen (advanced by on_optimizer_step)
         self._pending_colsq: Tensor | None = None
-        self._err_sq = 0.0
-        self._ref_sq = 0.0
-        self.last_rel_error: float | None = None
-        self.last_error_step: int | None = None
+        self.error = RelErrorMeter()  # true dX error of the indices in use, on refresh steps
 
     # -- forward ------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -213,19 +212,11 @@ class CELoRALinear(nn.Module):
         colsq = gradient_scores(G)
         self._pending_colsq = colsq if self._pending_colsq is None else self._pending_colsq + colsq
 
-    def _accumulate_error(self, approx: Tensor, exact: Tensor) -> None:
-        exact32 = exact.float()
-        self._err_sq += float((approx.float() - exact32).pow(2).sum())
-        self._ref_sq += float(exact32.pow(2).sum())
-
     def _finish_step(self) -> None:
         if self._pending_colsq is not None:
-            if self._ref_sq > 0:
-                self.last_rel_error = math.sqrt(self._err_sq / self._ref_sq)
-                self.last_error_step = self.step
+            self.error.finish(self.step)
             self.set_selected(select_indices(self._pending_colsq, self.ws_row_sq, self.k, self.score))
             self._pending_colsq = None
-            self._err_sq = self._ref_sq = 0.0
         self.step += 1
 
     def set_selected(self, selected: Tensor | None) -> None:
@@ -246,7 +237,7 @@ class CELoRALinear(nn.Module):
         self.step = int(step)
         self.set_selected(selected)
         self._pending_colsq = None
-        self._err_sq = self._ref_sq = 0.0
+        self.error = RelErrorMeter()
 
     # -- export ---------------------------------------------------------------------
     @torch.no_grad()

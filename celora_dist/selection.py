@@ -56,6 +56,34 @@ def celora_layers(model: nn.Module) -> Iterator[tuple[str, "CELoRALinear"]]:
             yield name, module
 
 
+def scheduled_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """CE-LoRA layers and vocab-sparse heads: everything on_optimizer_step drives."""
+    for name, module in model.named_modules():
+        if getattr(module, "_celora_scheduled", False):
+            yield name, module
+
+
+class RelErrorMeter:
+    """Accumulates ‖approx − exact‖² and ‖exact‖² over a step's micro-batches."""
+
+    def __init__(self) -> None:
+        self._err_sq = self._ref_sq = 0.0
+        self.last: float | None = None
+        self.last_step: int | None = None
+
+    def add(self, approx: Tensor, exact: Tensor) -> None:
+        exact32 = exact.float()
+        self._err_sq += float((approx.float() - exact32).pow(2).sum())
+        self._ref_sq += float(exact32.pow(2).sum())
+
+    def finish(self, step: int) -> None:
+        """Publish the step's relative error (if anything was measured) and reset."""
+        if self._ref_sq > 0:
+            self.last = (self._err_sq / self._ref_sq) ** 0.5
+            self.last_step = step
+        self._err_sq = self._ref_sq = 0.0
+
+
 def _all_reduce_scores(layers: list["CELoRALinear"], group: Any) -> None:
     """Sum every pending score vector over ``group`` in ONE all-reduce (not one per layer)."""
     flat = torch.cat([layer._pending_colsq for layer in layers])
@@ -74,7 +102,7 @@ def on_optimizer_step(model: nn.Module, group: Any = None) -> None:
     never per micro-batch. ``group``: the data-parallel process group used to sync
     scores (default: the world, when torch.distributed is initialised).
     """
-    layers = [layer for _, layer in celora_layers(model)]
+    layers = [layer for _, layer in scheduled_modules(model)]
     pending = [layer for layer in layers if layer._pending_colsq is not None]
     sync = [layer for layer in pending if layer.sync_indices]
     if sync and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
@@ -84,19 +112,19 @@ def on_optimizer_step(model: nn.Module, group: Any = None) -> None:
 
 
 def telemetry(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Per approximate layer: the relative dX error measured on the last refresh step.
+    """Per approximate layer (and vocab-sparse head): the relative dX error last measured.
 
     ``rel_error`` is ‖dX_approx − dX_exact‖ / ‖dX_exact‖ of the indices that were in
     use during that step (None before the first measurement); ``k`` and ``m`` give
     the kept and total output features, ``step`` the optimizer step measured.
     """
     out = {}
-    for name, layer in celora_layers(model):
+    for name, layer in scheduled_modules(model):
         if layer.is_exact:
             continue
         out[name] = {
-            "rel_error": layer.last_rel_error,
-            "step": layer.last_error_step,
+            "rel_error": layer.error.last,
+            "step": layer.error.last_step,
             "k": layer.k,
             "m": layer.out_features,
         }

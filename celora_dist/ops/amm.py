@@ -25,7 +25,8 @@ def celora_grad_input(
     """dX for a (T, m) upstream gradient and an (m, n) frozen weight.
 
     selected / complement: sorted LongTensors partitioning range(m), or None (exact).
-    B0 (m, r0), A0 (r0, n): the double-LoRA factors, needed when selected is given.
+    B0 (m, r0), A0 (r0, n): the double-LoRA factors; None (or r0 = 0) means no exact
+        low-rank part, i.e. plain top-k AMM ``G[:, I] W0[I]`` (the vocab-sparse LM head).
     lora_left (T, r), lora_right (r, n): an extra term added exactly.
     Matmuls run in the input dtype; torch accumulates bf16/fp16 GEMMs in fp32.
     """
@@ -41,11 +42,11 @@ def celora_grad_input(
         if has_lora:
             out.addmm_(lora_left, lora_right)
         return out
-    if B0 is None or A0 is None or complement is None:
-        raise ValueError("celora_grad_input: approximate mode needs complement, B0 and A0")
     lefts = [grad_output.index_select(1, selected)]
     rights = [weight.index_select(0, selected)]
-    if B0.shape[1] > 0:
+    if B0 is not None and B0.shape[1] > 0:
+        if A0 is None or complement is None:
+            raise ValueError("celora_grad_input: the B0 A0 term needs A0 and the complement of selected")
         lefts.append(grad_output.index_select(1, complement) @ B0.index_select(0, complement))
         rights.append(A0)
     if has_lora:
