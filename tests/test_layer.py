@@ -166,6 +166,16 @@ def test_topk_ties_go_to_lower_index():
     scores = torch.tensor([1.0, 3.0, 2.0, 3.0, 2.0, 2.0, 0.5])
     assert topk_indices(scores, 2).tolist() == [1, 3]
     assert topk_indices(scores, 4).tolist() == [1, 2, 3, 4]
+    # against an independent definition: a stable descending sort, on heavily tied scores
+    for trial in range(200):
+        g = torch.Generator().manual_seed(trial)
+        n = int(torch.randint(1, 60, (1,), generator=g))
+        k = int(torch.randint(1, n + 1, (1,), generator=g))
+        s = torch.randint(0, 5, (n,), generator=g).float()
+        expected = torch.sort(torch.sort(s, descending=True, stable=True).indices[:k]).values
+        assert torch.equal(topk_indices(s, k), expected), (s, k)
+    with pytest.raises(ValueError, match="k=0"):
+        topk_indices(scores, 0)
 
 
 def test_schedule_first_backward_exact_and_refresh_only_every_tau():
