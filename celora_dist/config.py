@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 SCORE_MODES = ("gradient", "static")
+AUTO = "auto"
 
 RELEASED_KEEP = {"v_proj": 0.55, "o_proj": 0.55, "up_proj": 0.65, "down_proj": 0.65}
 RELEASED_EXACT = ("q_proj", "k_proj", "gate_proj")
@@ -21,13 +22,16 @@ class CELoRAConfig:
     """Configuration of a CE-LoRA fine-tune.
 
     keep: fraction of output features KEPT in the approximate ``G @ W0`` per module
-        name (the last component of the module path, e.g. ``"v_proj"``).
+        name (the last component of the module path, e.g. ``"v_proj"``), or ``"auto"``:
+        k chosen on every refresh step to meet ``error_budget`` (see selection.choose_k).
+        ``keep="auto"`` makes every released approximate module (v/o/up/down) auto.
     exact: module names converted as plain LoRA (keep = 1, no SVD).
     refresh_every: optimizer steps between index refreshes (tau).
     score: ``"gradient"`` (‖G[:, i]‖·‖Ws[i, :]‖, the default) or ``"static"``
         (‖Ws[i, :]‖ alone, the released code's behaviour, for comparison).
     sync_indices: all-reduce the scores over the data-parallel group so every rank
         selects the same indices.
+    error_budget: target relative dX error per layer for ``"auto"`` keeps.
     head_keep: fraction of vocabulary rows kept in the LM head's backward (None: the
         head's dX stays exact). See celora_dist/head.py.
     """
@@ -36,16 +40,22 @@ class CELoRAConfig:
     alpha: float = 32.0
     rslora: bool = True
     r0: int = 14
-    keep: dict[str, float] = field(default_factory=lambda: dict(RELEASED_KEEP))
+    keep: dict[str, float | str] | str = field(default_factory=lambda: dict(RELEASED_KEEP))
     exact: tuple[str, ...] = RELEASED_EXACT
     dropout: float = 0.0
     refresh_every: int = 200
     score: str = "gradient"
     sync_indices: bool = True
+    error_budget: float = 0.3
     head_keep: float | None = None
 
     def __post_init__(self) -> None:
         self.exact = tuple(self.exact)
+        if self.keep == AUTO:
+            self.keep = {name: AUTO for name in RELEASED_KEEP}
+        if not isinstance(self.keep, Mapping):
+            raise ValueError(f"CELoRAConfig.keep must be a dict of module name -> fraction or 'auto', "
+                             f"or 'auto'; got {self.keep!r}")
         self.keep = dict(self.keep)
         self.validate()
 
@@ -68,11 +78,15 @@ class CELoRAConfig:
         if self.score not in SCORE_MODES:
             raise ValueError(f"CELoRAConfig.score must be one of {SCORE_MODES}, got {self.score!r}")
         for name, value in self.keep.items():
+            if value == AUTO:
+                continue
             if not isinstance(value, (int, float)) or not (0.0 < value <= 1.0) or math.isnan(value):
                 raise ValueError(
                     f"CELoRAConfig.keep[{name!r}] must be a fraction in (0, 1] (the share of output "
-                    f"features kept), got {value!r}"
+                    f"features kept) or 'auto', got {value!r}"
                 )
+        if not (isinstance(self.error_budget, (int, float)) and 0.0 <= self.error_budget < 1.0):
+            raise ValueError(f"CELoRAConfig.error_budget must be in [0, 1), got {self.error_budget!r}")
         if self.head_keep is not None and (
             not isinstance(self.head_keep, (int, float)) or not (0.0 < self.head_keep <= 1.0)
             or math.isnan(self.head_keep)
@@ -94,15 +108,15 @@ class CELoRAConfig:
     def target_modules(self) -> list[str]:
         return list(self.exact) + list(self.keep)
 
-    def keep_for(self, module_name: str) -> float | None:
-        """Keep ratio for a module path, 1.0 for exact modules, None if not targeted."""
+    def keep_for(self, module_name: str) -> float | str | None:
+        """Keep ratio (or "auto") for a module path, 1.0 for exact modules, None if not targeted."""
         leaf = module_name.rsplit(".", 1)[-1]
         for key in self.exact:
             if module_name == key or leaf == key or module_name.endswith("." + key):
                 return 1.0
         for key, value in self.keep.items():
             if module_name == key or leaf == key or module_name.endswith("." + key):
-                return float(value)
+                return value if value == AUTO else float(value)
         return None
 
     def to_dict(self) -> dict[str, Any]:

@@ -48,7 +48,7 @@ class _VocabSparseHeadFunction(torch.autograd.Function):
         approx = grad_input(G, weight, selected)
         if head.measure_due():
             exact = grad_input(G, weight)
-            head.error.add(approx, exact)
+            head.error.add(exact, approx)
             approx = exact
         return approx.view(ctx.x_shape), None, None, None
 

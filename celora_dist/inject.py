@@ -53,7 +53,7 @@ def inject_celora(model: nn.Module, cfg: CELoRAConfig, verbose: bool = True) -> 
         layer = CELoRALinear(
             getattr(parent, child), r=cfg.r, alpha=cfg.alpha, rslora=cfg.rslora, r0=cfg.r0,
             keep=keep, dropout=cfg.dropout, refresh_every=cfg.refresh_every, score=cfg.score,
-            sync_indices=cfg.sync_indices, name=name,
+            sync_indices=cfg.sync_indices, error_budget=cfg.error_budget, name=name,
         )
         setattr(parent, child, layer)
         n_exact += layer.is_exact

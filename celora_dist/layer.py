@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import SCORE_MODES, num_kept
+from .config import AUTO, SCORE_MODES, num_kept
 from .kernels import grad_input
 from .ops.amm import gradient_scores
-from .selection import RelErrorMeter, complement_of, select_indices
+from .selection import RelErrorMeter, choose_k, complement_of, select_indices
 
 # Row block for the one-off residual norm computation: bounds the fp32 temporary to
 # _ROW_BLOCK × n instead of a full m × n copy of W0.
@@ -107,9 +107,10 @@ class _CELoRAFunction(torch.autograd.Function):
             left, right = (sGB, lora_A) if ctx.fused else (None, None)
             if layer.is_exact or layer.selected is None or refresh:
                 dX = grad_input(G, weight, None, None, None, None, left, right)
-                if refresh and layer.selected is not None:
-                    approx = grad_input(G, weight, layer.selected, layer.complement, B0, A0, left, right)
-                    layer.error.add(approx, dX)
+                if refresh:
+                    approx = None if layer.selected is None else \
+                        grad_input(G, weight, layer.selected, layer.complement, B0, A0, left, right)
+                    layer.error.add(dX, approx)
             else:
                 dX = grad_input(G, weight, layer.selected, layer.complement, B0, A0, left, right)
             dX = dX.view(ctx.x_shape)
@@ -136,18 +137,22 @@ class CELoRALinear(nn.Module):
         alpha: float = 32.0,
         rslora: bool = True,
         r0: int = 14,
-        keep: float = 1.0,
+        keep: float | str = 1.0,
         dropout: float = 0.0,
         refresh_every: int = 200,
         score: str = "gradient",
         sync_indices: bool = True,
+        error_budget: float = 0.3,
         name: str = "",
     ) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"CELoRALinear wraps nn.Linear, got {type(base_layer).__name__} at {name!r}")
-        if not (0.0 < keep <= 1.0):
-            raise ValueError(f"keep for {name or 'layer'} must be in (0, 1], got {keep!r}")
+        self.adaptive = keep == AUTO
+        if not self.adaptive and not (0.0 < keep <= 1.0):
+            raise ValueError(f"keep for {name or 'layer'} must be in (0, 1] or 'auto', got {keep!r}")
+        if self.adaptive and score != "gradient":
+            raise ValueError(f"keep='auto' for {name or 'layer'} needs score='gradient', got {score!r}")
         if score not in SCORE_MODES:
             raise ValueError(f"score must be one of {SCORE_MODES}, got {score!r}")
         m, n = base_layer.out_features, base_layer.in_features
@@ -155,9 +160,11 @@ class CELoRALinear(nn.Module):
         self.in_features, self.out_features = n, m
         self.r, self.r0 = r, r0
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        self.keep = float(keep)
-        self.k = num_kept(keep, m)
-        self.is_exact = self.k == m
+        self.keep = keep if self.adaptive else float(keep)
+        self.error_budget = error_budget
+        # an adaptive layer starts at k = m (exact) and picks k on every refresh step
+        self.k = m if self.adaptive else num_kept(keep, m)
+        self.is_exact = self.k == m and not self.adaptive
         self.refresh_every = refresh_every
         self.score = score
         self.sync_indices = sync_indices
@@ -214,21 +221,47 @@ class CELoRALinear(nn.Module):
 
     def _finish_step(self) -> None:
         if self._pending_colsq is not None:
+            ref_sq = self.error.ref_sq
             self.error.finish(self.step)
-            self.set_selected(select_indices(self._pending_colsq, self.ws_row_sq, self.k, self.score))
+            if self.adaptive and ref_sq > 0:
+                self.k = self._adaptive_k(ref_sq)
+            self.set_selected(select_indices(self._pending_colsq, self.ws_row_sq, self.k, self.score)
+                              if self.k < self.out_features else None)
             self._pending_colsq = None
         self.step += 1
+
+    def _adaptive_k(self, ref_sq: float) -> int:
+        """k for the error budget from this refresh step's exact G (DP-synced when on).
+
+        The estimate is calibrated by the error measured for the indices in use, and
+        k shrinks at most halfway to a smaller candidate per refresh (grows at once).
+        """
+        score_sq = self._pending_colsq.to(self.ws_row_sq.device) * self.ws_row_sq
+        calibration = 1.0
+        if self.selected is not None and self.error.last_step == self.step:
+            dropped = float(score_sq[self.complement].sum())
+            if dropped > 0 and self.error.last > 0:
+                estimate = (dropped / ref_sq) ** 0.5
+                calibration = min(4.0, max(0.5, self.error.last / estimate))
+        candidate = choose_k(score_sq, ref_sq, self.error_budget, calibration)
+        if self.selected is not None and candidate < self.k:
+            candidate = math.ceil((self.k + candidate) / 2)
+        return candidate
 
     def set_selected(self, selected: Tensor | None) -> None:
         """Install kept output features (sorted LongTensor of length k) or None for exact."""
         if selected is None:
             self.selected = self.complement = None
+            if self.adaptive:
+                self.k = self.out_features
             return
         device = self.base_layer.weight.device
         if self.is_exact:
             raise ValueError(f"{self.name or 'layer'} is exact (keep=1); it has no selection")
         selected = selected.to(device=device, dtype=torch.long)
-        if selected.numel() != self.k:
+        if self.adaptive:
+            self.k = selected.numel()
+        elif selected.numel() != self.k:
             raise ValueError(f"{self.name or 'layer'}: expected {self.k} indices, got {selected.numel()}")
         self.selected = selected
         self.complement = complement_of(selected, self.out_features)
@@ -256,4 +289,6 @@ class CELoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         mode = "exact" if self.is_exact else f"keep={self.keep} (k={self.k}), r0={self.r0}"
+        if self.adaptive:
+            mode += f", error_budget={self.error_budget}"
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, {mode}"

@@ -73,35 +73,69 @@ def scheduled_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 class RelErrorMeter:
-    """Accumulates ‖approx − exact‖² and ‖exact‖² over a step's micro-batches."""
+    """Sums ‖dX_exact‖² and ‖dX_approx − dX_exact‖² over one step's micro-batches.
+
+    ``ref_sq`` is accumulated on every exact (refresh) backward, ``err_sq`` only where
+    indices were in use; both are plain sums, so they add across data-parallel ranks.
+    """
 
     def __init__(self) -> None:
-        self._err_sq = self._ref_sq = 0.0
+        self.err_sq = self.ref_sq = 0.0
+        self.measured = False
         self.last: float | None = None
         self.last_step: int | None = None
 
-    def add(self, approx: Tensor, exact: Tensor) -> None:
+    def add(self, exact: Tensor, approx: Tensor | None = None) -> None:
         exact32 = exact.float()
-        self._err_sq += float((approx.float() - exact32).pow(2).sum())
-        self._ref_sq += float(exact32.pow(2).sum())
+        self.ref_sq += float(exact32.pow(2).sum())
+        if approx is not None:
+            self.err_sq += float((approx.float() - exact32).pow(2).sum())
+            self.measured = True
 
     def finish(self, step: int) -> None:
-        """Publish the step's relative error (if anything was measured) and reset."""
-        if self._ref_sq > 0:
-            self.last = (self._err_sq / self._ref_sq) ** 0.5
+        """Publish the step's relative error (if one was measured) and reset the sums."""
+        if self.measured and self.ref_sq > 0:
+            self.last = (self.err_sq / self.ref_sq) ** 0.5
             self.last_step = step
-        self._err_sq = self._ref_sq = 0.0
+        self.err_sq = self.ref_sq = 0.0
+        self.measured = False
+
+
+def choose_k(score_sq: Tensor, ref_sq: float, budget: float, calibration: float = 1.0) -> int:
+    """Smallest k whose estimated relative dX error stays within ``budget``.
+
+    Dropping the features outside the top-k leaves E = G[:, Ī] Ws[Ī], a sum of rank-1
+    terms with ‖G[:, i]‖·‖Ws[i, :]‖ = score_i; for weakly correlated terms
+    ‖E‖² ≈ Σ_Ī score_i², so est(k) = calibration · sqrt(tail_k / ‖dX_exact‖²), where
+    tail_k is the mass of all but the k largest squared scores and ``calibration`` is the
+    measured/estimated ratio for the indices in use (it absorbs the cross terms).
+    """
+    m = score_sq.numel()
+    if budget <= 0 or ref_sq <= 0:
+        return m
+    ordered = torch.sort(score_sq.double().flatten(), descending=True).values
+    # tail[k] = sum of ordered[k:], for k = 0..m (tail[m] = 0)
+    tail = torch.cat([ordered.flip(0).cumsum(0).flip(0), ordered.new_zeros(1)])
+    est = calibration * (tail.clamp_min(0) / ref_sq).sqrt()
+    ok = (est[1:] <= budget).nonzero()
+    return int(ok[0]) + 1 if ok.numel() else m
 
 
 def _all_reduce_scores(layers: list["CELoRALinear"], group: Any) -> None:
-    """Sum every pending score vector over ``group`` in ONE all-reduce (not one per layer)."""
-    flat = torch.cat([layer._pending_colsq for layer in layers])
+    """Sum every pending score vector and error sum over ``group`` in ONE all-reduce."""
+    parts = []
+    for layer in layers:
+        sums = torch.tensor([layer.error.err_sq, layer.error.ref_sq], dtype=torch.float32,
+                            device=layer._pending_colsq.device)
+        parts += [layer._pending_colsq, sums]
+    flat = torch.cat(parts)
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     offset = 0
     for layer in layers:
         m = layer._pending_colsq.numel()
         layer._pending_colsq = flat[offset:offset + m]
-        offset += m
+        layer.error.err_sq, layer.error.ref_sq = (float(v) for v in flat[offset + m:offset + m + 2])
+        offset += m + 2
 
 
 def on_optimizer_step(model: nn.Module, group: Any = None) -> None:
