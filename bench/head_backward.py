@@ -13,14 +13,10 @@ relative error of the approximation on a synthetic softmax − one-hot gradient.
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
-import time
-from pathlib import Path
 
 import torch
+from _common import interleaved_medians, machine_line, markdown_table
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from celora_dist.config import num_kept  # noqa: E402
 from celora_dist.kernels import grad_input  # noqa: E402
 from celora_dist.ops.amm import gradient_scores  # noqa: E402
@@ -44,16 +40,6 @@ def sparse_backward(G: torch.Tensor, W: torch.Tensor, w_row_sq: torch.Tensor, k:
     return grad_input(G, W, topk_indices(gradient_scores(G) * w_row_sq, k))
 
 
-def timed(fn, device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def run(shapes: list[str], keeps: list[float], tokens: int, dtype: str, device: str, repeats: int) -> list[dict]:
     rows = []
     dt = DTYPES[dtype]
@@ -68,17 +54,12 @@ def run(shapes: list[str], keeps: list[float], tokens: int, dtype: str, device: 
         for keep in keeps:
             k = num_kept(keep, vocab)
             cases[keep] = (lambda k=k: sparse_backward(G, W, w_row_sq, k))
-        times = {name: [] for name in cases}
-        for name, fn in cases.items():  # warm-up
-            fn()
-        for _ in range(repeats):  # interleaved: drift in machine load hits every case alike
-            for name, fn in cases.items():
-                times[name].append(timed(fn, device))
-        dense = statistics.median(times["dense"])
+        med = interleaved_medians(cases, repeats, device)
+        dense = med["dense"]
         for keep in keeps:
             k = num_kept(keep, vocab)
             approx = sparse_backward(G, W, w_row_sq, k).float()
-            t = statistics.median(times[keep])
+            t = med[keep]
             ceiling = vocab / k
             rows.append({
                 "shape": shape, "V": vocab, "d": hidden, "T": tokens, "keep": keep, "k": k,
@@ -92,13 +73,8 @@ def run(shapes: list[str], keeps: list[float], tokens: int, dtype: str, device: 
 COLUMNS = ["shape", "V", "d", "T", "keep", "k", "dense_ms", "sparse_ms", "speedup", "ceiling", "of_ceiling", "rel_err"]
 
 
-def format_table(rows: list[dict]) -> str:
-    fmt = {"keep": "{:.2f}", "dense_ms": "{:.1f}", "sparse_ms": "{:.1f}", "speedup": "{:.2f}x",
+FORMATS = {"keep": "{:.2f}", "dense_ms": "{:.1f}", "sparse_ms": "{:.1f}", "speedup": "{:.2f}x",
            "ceiling": "{:.1f}x", "of_ceiling": "{:.0%}", "rel_err": "{:.3f}"}
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in rows:
-        lines.append("| " + " | ".join(fmt.get(c, "{}").format(r[c]) for c in COLUMNS) + " |")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -122,10 +98,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if unknown:
         p.error(f"unknown shape(s) {unknown}; choose from {list(SHAPES)}")
     keeps = [float(k) for k in a.keeps.split(",")]
-    print(f"LM-head backward, device={a.device} dtype={a.dtype} torch={torch.__version__} "
-          f"threads={torch.get_num_threads()}", flush=True)
+    print(f"LM-head backward, {machine_line(a.device, a.dtype)}", flush=True)
     rows = run(shapes, keeps, tokens, a.dtype, a.device, repeats)
-    print(format_table(rows))
+    print(markdown_table(rows, COLUMNS, FORMATS))
     return rows
 
 
