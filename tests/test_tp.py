@@ -322,10 +322,40 @@ def _model_worker(rank: int, out_dir: str, tp_group, dp_group) -> None:
         torch.save(rec, Path(out_dir) / f"model_{mode}_rank{rank}.pt")
 
 
+def _config_path_worker(rank: int, out_dir: str, tp_group) -> None:
+    """parallelize_celora(cfg=...) on plain linears vs inject_celora (TP=1), same RNG."""
+    cfg = _model_cfg("celora")
+    with pytest.raises(ValueError, match="neither column-parallel"):
+        parallelize_celora(tiny_llama(seed=0), tp_group, cfg=CELoRAConfig(keep={}, exact=("lm_head",)))
+    ref, model = tiny_llama(seed=0), tiny_llama(seed=0)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        base_logits = ref(input_ids=ids).logits
+    torch.manual_seed(7)  # LoRA A init draws from the global RNG in module order, on both paths
+    inject_celora(ref, cfg, verbose=False)
+    torch.manual_seed(7)
+    parallelize_celora(model, tp_group, cfg=cfg)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    ref_layers = dict(celora_layers(ref))
+    ws = {}
+    for name, layer in tp_layers(model):
+        full = ref_layers[name].ws_row_sq
+        if layer.parallel_mode == "column":
+            full = full[layer.tp_rank * layer.out_features:(layer.tp_rank + 1) * layer.out_features]
+        ws[name] = (layer.ws_row_sq, full)
+    torch.save({"adapter": gather_lora_state_dict(model), "ref_adapter": gather_lora_state_dict(ref),
+                "logits": logits, "base_logits": base_logits, "ws": ws,
+                "config": model.celora_config.to_dict(), "trainable": [n for n, p in model.named_parameters()
+                                                                       if p.requires_grad]},
+               Path(out_dir) / f"config_path_rank{rank}.pt")
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     tp_group, dp_group = _init(rank, port)
     _layer_worker(rank, out_dir, tp_group, dp_group)
     _model_worker(rank, out_dir, tp_group, dp_group)
+    _config_path_worker(rank, out_dir, tp_group)
     dist.destroy_process_group()
 
 
@@ -403,6 +433,23 @@ def test_tp_adapter_export_loads_in_peft(model_runs):
     with torch.no_grad():
         logits = peft_model(input_ids=ids).logits
     _close(logits, rank0["logits"], tol=1e-4, what="peft logits")
+
+
+def test_parallelize_plain_linears_from_config(model_runs):
+    """The cfg path factors each full W0 itself: same LoRA init as inject_celora, the
+    per-shard (column) / all-reduced (row) residual norms of the full factorisation,
+    and with B = 0 the TP model reproduces the base model."""
+    for rank in range(WORLD):
+        run = torch.load(model_runs / f"config_path_rank{rank}.pt")
+        assert run["adapter"].keys() == run["ref_adapter"].keys()
+        for key, value in run["ref_adapter"].items():
+            assert torch.equal(run["adapter"][key], value), key
+        _close(run["logits"], run["base_logits"], what="cfg path logits")
+        assert len(run["ws"]) == 14
+        for name, (got, expected) in run["ws"].items():
+            _close(got, expected, what=f"ws_row_sq {name}")
+        assert run["config"] == _model_cfg("celora").to_dict()
+        assert run["trainable"] and all(".lora_" in n for n in run["trainable"])
 
 
 def test_tp_with_zero3_is_rejected():
