@@ -57,13 +57,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(fn, *args) -> None:
-    """Run ``fn(rank, port, *args)`` on WORLD spawned ranks; re-raise failures, kill on timeout."""
+def _spawn(fn, *args, nprocs: int = WORLD) -> None:
+    """Run ``fn(rank, port, *args)`` on ``nprocs`` spawned ranks; re-raise failures, kill on timeout."""
     saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "OMP_NUM_THREADS")}
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, saved["PYTHONPATH"]) if p)
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
-        ctx = mp.start_processes(fn, args=(_free_port(), *args), nprocs=WORLD, join=False,
+        ctx = mp.start_processes(fn, args=(_free_port(), *args), nprocs=nprocs, join=False,
                                  start_method="spawn")
     finally:
         for k, v in saved.items():
@@ -82,13 +82,14 @@ def _spawn(fn, *args) -> None:
                 p.kill()
 
 
-def _init(rank: int, port: int):
+def _init(rank: int, port: int, world: int = WORLD, tp: int = WORLD):
+    """A TP x DP grid: TP groups of consecutive ranks, DP groups of equal TP rank."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD, timeout=timedelta(seconds=60))
-    tp_group = dist.new_group(list(range(WORLD)))
-    dp_groups = [dist.new_group([r]) for r in range(WORLD)]  # TP=2 x DP=1
-    return tp_group, dp_groups[rank]
+                            world_size=world, timeout=timedelta(seconds=60))
+    tp_groups = [dist.new_group(list(range(d * tp, (d + 1) * tp))) for d in range(world // tp)]
+    dp_groups = [dist.new_group(list(range(t, world, tp))) for t in range(tp)]
+    return tp_groups[rank // tp], dp_groups[rank % tp]
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, tol: float = TOL, what: str = "") -> None:
@@ -450,6 +451,57 @@ def test_parallelize_plain_linears_from_config(model_runs):
             _close(got, expected, what=f"ws_row_sq {name}")
         assert run["config"] == _model_cfg("celora").to_dict()
         assert run["trainable"] and all(".lora_" in n for n in run["trainable"])
+
+
+# ----------------------------------------------------------------------------- TP x DP
+def _grid_worker(rank: int, port: int, out_dir: str) -> None:
+    """TP=2 x DP=2: each DP replica sees its own batch; scores sync over the DP group."""
+    tp_group, dp_group = _init(rank, port, world=4, tp=2)
+    dp_rank = rank // 2
+    out = {}
+    for key, cls, case in (("col", ColumnParallelCELoRALinear, _layer_case(M_COL, N_COL, seed=1)),
+                           ("row", RowParallelCELoRALinear, _layer_case(M_ROW, N_ROW, seed=2))):
+        layer = _build_tp_layer(cls, case, tp_group, 0.0)
+        t = layer.tp_rank
+        x, G = case[f"x{dp_rank}"], case[f"G{dp_rank}"]
+        if key == "col":
+            G = G[..., t * layer.out_features:(t + 1) * layer.out_features]
+        else:
+            x = x[..., t * layer.in_features:(t + 1) * layer.in_features]
+        layer(x.clone().requires_grad_(True)).backward(G)
+        on_optimizer_step(layer, dp_group)
+        out[key] = layer.global_selected() if key == "col" else layer.selected
+    torch.save(out, Path(out_dir) / f"grid_rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_tp2_x_dp2_selection_uses_the_dp_group(tmp_path):
+    _spawn(_grid_worker, str(tmp_path), nprocs=4)
+    runs = [torch.load(tmp_path / f"grid_rank{r}.pt") for r in range(4)]
+    for key, m, n, seed in (("col", M_COL, N_COL, 1), ("row", M_ROW, N_ROW, 2)):
+        case = _layer_case(m, n, seed=seed)
+        B0, A0 = _ref_factors(case["W"], R0)
+        ws_sq = ((case["W"].double() - B0 @ A0) ** 2).sum(dim=1)
+
+        def select(colsq):
+            score = colsq * ws_sq
+            if key == "row":
+                return topk_indices(score, math.ceil(KEEP * m))
+            rows = m // 2
+            return torch.cat([topk_indices(score[t * rows:(t + 1) * rows], math.ceil(KEEP * rows)) + t * rows
+                              for t in range(2)])
+
+        colsq = [(case[f"G{d}"].double().reshape(-1, m) ** 2).sum(dim=0) for d in range(2)]
+        expected = select(colsq[0] + colsq[1])
+        # the synced choice differs from either replica's own, so skipping the sync would fail
+        assert not torch.equal(expected, select(colsq[0])) and not torch.equal(expected, select(colsq[1]))
+        for dp in range(2):  # ranks 2dp, 2dp+1 form one TP group
+            if key == "col":
+                got = torch.cat([runs[2 * dp]["col"], runs[2 * dp + 1]["col"]]).sort().values
+                assert torch.equal(got, expected), (key, dp)
+            else:
+                for r in (2 * dp, 2 * dp + 1):
+                    assert torch.equal(runs[r]["row"], expected), (key, r)
 
 
 def test_tp_with_zero3_is_rejected():
