@@ -9,6 +9,7 @@
 """
 from .convert import (COLUMN_PARALLEL, ROW_PARALLEL, check_tp_zero_stage, gather_lora_state_dict,
                       parallelize_celora, save_tp_adapter)
+from .deepspeed_tp import init_tp_groups, mark_tensor_parallel
 from .layers import ColumnParallelCELoRALinear, RowParallelCELoRALinear, residual_row_sq, tp_layers
 
 __all__ = [
@@ -18,6 +19,8 @@ __all__ = [
     "gather_lora_state_dict",
     "save_tp_adapter",
     "check_tp_zero_stage",
+    "init_tp_groups",
+    "mark_tensor_parallel",
     "residual_row_sq",
     "tp_layers",
     "COLUMN_PARALLEL",

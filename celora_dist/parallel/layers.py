@@ -58,6 +58,23 @@ def residual_row_sq(weight: Tensor, B0: Tensor, A0: Tensor) -> Tensor:
     return out
 
 
+def _own(t: Tensor) -> Tensor:
+    """A detached, contiguous copy. SVD factors come out column-major (LAPACK), and
+    DeepSpeed's parameter broadcast views parameters as bytes, which needs stride 1."""
+    return t.detach().clone(memory_format=torch.contiguous_format)
+
+
+def _mark_sharded(params: list[Tensor | None], dim: int) -> None:
+    """Tag TP-sharded parameters the Megatron way. DeepSpeed's gradient-norm code
+    (clipping) counts a parameter on every TP rank only when it carries
+    ``tensor_model_parallel``; untagged (replicated) ones are counted on TP rank 0."""
+    for p in params:
+        if p is not None:
+            p.tensor_model_parallel = True
+            p.partition_dim = dim
+            p.partition_stride = 1
+
+
 def _frozen_linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
     """An nn.Linear holding exactly ``weight``/``bias`` (no random init), frozen."""
     out_f, in_f = weight.shape
@@ -281,16 +298,17 @@ class ColumnParallelCELoRALinear(_TPCELoRALinear):
         self.in_features, self.out_features = full.in_features, m_l
         self.k = m_l if full.is_exact else num_kept(self.keep, m_l)
         self.is_exact = self.k == m_l
-        bias = None if base.bias is None else base.bias.detach()[rows].clone()
-        self.base_layer = _frozen_linear(base.weight.detach()[rows].clone(), bias)
-        self.lora_A = _lora_linear(full.lora_A.weight.detach().clone())
-        self.lora_B = _lora_linear(full.lora_B.weight.detach()[rows].clone())
+        bias = None if base.bias is None else _own(base.bias[rows])
+        self.base_layer = _frozen_linear(_own(base.weight[rows]), bias)
+        self.lora_A = _lora_linear(_own(full.lora_A.weight))
+        self.lora_B = _lora_linear(_own(full.lora_B.weight[rows]))
         if self.is_exact:
             self._set_factors(None, None, None)
         else:
-            B0 = full.B0.detach()[rows].clone()
-            A0 = full.A0.detach().clone()
+            B0 = _own(full.B0[rows])
+            A0 = _own(full.A0)
             self._set_factors(B0, A0, residual_row_sq(self.base_layer.weight, B0, A0))
+        _mark_sharded([self.base_layer.weight, self.base_layer.bias, self.lora_B.weight, self.B0], dim=0)
 
     def forward(self, x: Tensor) -> Tensor:
         dropout = self.training and isinstance(self.lora_dropout, nn.Dropout) and self.lora_dropout.p > 0
@@ -334,18 +352,19 @@ class RowParallelCELoRALinear(_TPCELoRALinear):
         base = full.base_layer
         self.in_features, self.out_features = n_l, full.out_features
         self.k, self.is_exact = full.k, full.is_exact
-        bias = None if base.bias is None else base.bias.detach().clone()
-        self.base_layer = _frozen_linear(base.weight.detach()[:, cols].clone(), bias)
-        self.lora_A = _lora_linear(full.lora_A.weight.detach()[:, cols].clone())
-        self.lora_B = _lora_linear(full.lora_B.weight.detach().clone())
+        bias = None if base.bias is None else _own(base.bias)
+        self.base_layer = _frozen_linear(_own(base.weight[:, cols]), bias)
+        self.lora_A = _lora_linear(_own(full.lora_A.weight[:, cols]))
+        self.lora_B = _lora_linear(_own(full.lora_B.weight))
         if self.is_exact:
             self._set_factors(None, None, None)
         else:
-            B0 = full.B0.detach().clone()
-            A0 = full.A0.detach()[:, cols].clone()
+            B0 = _own(full.B0)
+            A0 = _own(full.A0[:, cols])
             ws_row_sq = residual_row_sq(self.base_layer.weight, B0, A0)  # partial: this column shard
             ws_row_sq = all_reduce_many({"ws": ws_row_sq}, self.tp_group)["ws"].clone()
             self._set_factors(B0, A0, ws_row_sq)
+        _mark_sharded([self.base_layer.weight, self.lora_A.weight, self.A0], dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
         xd = self.lora_dropout(x)  # the mask acts on this rank's own input columns
