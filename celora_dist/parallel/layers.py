@@ -96,7 +96,7 @@ def _lora_linear(weight: Tensor) -> nn.Linear:
 def _local_backward(ctx, grad_out: Tensor):
     """The rank-local part of every CE-LoRA gradient, shared by both TP layouts.
 
-    Returns (G, dX, approx, dXd, dA, dB): dX exact on refresh / exact layers and the
+    Returns (dX, approx, dXd, dA, dB): dX exact on refresh / exact layers and the
     CE-LoRA approximation otherwise; ``approx`` the approximation of the indices in
     use on refresh steps (telemetry), else None. What still needs summing over TP is
     the caller's business.
@@ -158,7 +158,8 @@ class _ColumnFunction(_CELoRAFunction):
                 layer._accumulate_error(done["approx"], done["dX" if ctx.fused else "exact"])
             if ctx.fused and dX is not None:
                 dX = done["dX"]
-            dA = done.get("dA")
+            # a private copy: a view would pin the whole flat buffer (T×n) to .grad
+            dA = done["dA"].clone() if dA is not None else None
         if dX is not None:
             dX = dX.view(ctx.x_shape)
         if dXd is not None:
@@ -173,7 +174,7 @@ class _RowFunction(torch.autograd.Function):
     def forward(ctx, x, xd, weight, bias, lora_A, lora_B, B0, A0, layer):
         s = layer.scaling
         done = all_reduce_many({"y": F.linear(x, weight), "xA": F.linear(xd, lora_A)}, layer.tp_group)
-        y, xA = done["y"], done["xA"]
+        y, xA = done["y"], done["xA"].clone()  # saved: must not pin the T×m buffer
         if bias is not None:
             y = y + bias
         y = y + s * F.linear(xA, lora_B)
