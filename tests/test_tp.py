@@ -469,6 +469,8 @@ def _grid_worker(rank: int, port: int, out_dir: str) -> None:
         else:
             x = x[..., t * layer.in_features:(t + 1) * layer.in_features]
         layer(x.clone().requires_grad_(True)).backward(G)
+        with pytest.raises(ValueError, match="data-parallel group"):
+            on_optimizer_step(layer)  # the world group would mix TP shards' scores
         on_optimizer_step(layer, dp_group)
         out[key] = layer.global_selected() if key == "col" else layer.selected
     torch.save(out, Path(out_dir) / f"grid_rank{rank}.pt")
