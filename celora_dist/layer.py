@@ -50,8 +50,10 @@ def double_lora_factors(weight: Tensor, r0: int, dtype: torch.dtype) -> tuple[Te
     if r0 > 0:
         U, S, Vh = torch.linalg.svd(w, full_matrices=False)
         root = S[:r0].sqrt()
-        B0 = (U[:, :r0] * root).to(dtype)
-        A0 = (root[:, None] * Vh[:r0]).to(dtype)
+        # contiguous: LAPACK's factors are column-major, and DeepSpeed's engine
+        # broadcasts parameters as byte views, which need a unit last stride.
+        B0 = (U[:, :r0] * root).to(dtype).contiguous()
+        A0 = (root[:, None] * Vh[:r0]).to(dtype).contiguous()
     else:
         B0 = w.new_zeros(m, 0, dtype=dtype)
         A0 = w.new_zeros(0, n, dtype=dtype)

@@ -148,6 +148,11 @@ def on_optimizer_step(model: nn.Module, group: Any = None) -> None:
     layers = [layer for _, layer in scheduled_modules(model)]
     pending = [layer for layer in layers if layer._pending_colsq is not None]
     sync = [layer for layer in pending if layer.sync_indices]
+    if group is None and any(getattr(layer, "tp_size", 1) > 1 for layer in sync):
+        # Column-parallel layers score their own shard: a world all-reduce would add
+        # different shards' scores together (a silent wrong selection).
+        raise ValueError("on_optimizer_step: the model has tensor-parallel CE-LoRA layers; pass the "
+                         "data-parallel group (group=None sums scores across TP shards)")
     if sync and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         _all_reduce_scores(sync, group)
     for layer in layers:

@@ -300,3 +300,12 @@ def test_gradient_checkpointing_gives_same_gradients():
         torch.testing.assert_close(xc.grad, dX, rtol=0, atol=0)
         torch.testing.assert_close(layer.lora_A.weight.grad, dA, rtol=0, atol=0)
         torch.testing.assert_close(layer.lora_B.weight.grad, dB, rtol=0, atol=0)
+
+
+def test_double_lora_factors_are_contiguous():
+    """DeepSpeed's engine broadcasts parameters via ``p.data.view(torch.uint8)``, which
+    fails on the column-major factors LAPACK returns (engine init crashed under ZeRO 0-2)."""
+    layer = make_layer(keep=0.5)
+    for p in (layer.B0, layer.A0):
+        assert p.is_contiguous()
+        p.data.view(torch.uint8)  # what DeepSpeed does; raises for stride(-1) != 1

@@ -1,0 +1,405 @@
+"""Tensor-parallel CE-LoRA linears (DESIGN.md §2).
+
+Column-parallel (q/k/v/gate/up): TP rank t owns output rows [t·m/tp, (t+1)·m/tp) of
+W0, bias, B0 and LoRA B; LoRA A and A0 are replicated. Input x is replicated and the
+output stays sharded (Megatron ``gather_output=False``). Each rank scores and selects
+ceil(keep·m/tp) of ITS rows; its partial
+
+    dX_t = G_t[:, I_t] W0_t[I_t] + (G_t[:, Ī_t] B0_t[Ī_t]) A0 + s (G_t B_t) A
+
+sums over TP to the CE-LoRA dX of the full layer with I = ∪ I_t — the same
+all-reduce plain column parallelism needs. A is replicated but each rank sees only
+its G rows, so dA = s Σ_t (G_t B_t)ᵀ x is summed over TP in the same collective.
+
+Row-parallel (o/down): rank t owns input columns [t·n/tp, ...) of W0, A0 and LoRA A;
+bias, B0 and LoRA B are replicated. The forward all-reduces [x_t W0_tᵀ | x_t A_tᵀ]
+in ONE collective (the full xA is needed for dB anyway); G is then replicated, so the
+backward needs no communication. ‖Ws[i, :]‖² is a sum over column shards
+(all-reduced once at construction) and every TP rank selects the identical I;
+the selection is additionally broadcast from the TP group's first rank so floating
+point noise in upstream collectives can never split the group.
+
+This LoRA sharding is Megatron's / NeMo's (A full, B split for column; A split, B
+full for row): every LoRA FLOP is either sharded or tiny (r columns), and the
+adapter gathers back to PEFT shapes by one concatenation per tensor.
+
+Both classes subclass :class:`CELoRALinear` and reuse its refresh schedule
+(``refresh_due``/``_finish_step``), selection, telemetry and checkpoint state, so
+``celora_dist.on_optimizer_step(model, dp_group)`` drives them unchanged. Pass the
+DATA-parallel group there: with TP the world group would mix score vectors of
+different column shards.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import num_kept
+from ..kernels import grad_input
+from ..layer import CELoRALinear, _CELoRAFunction
+from .comm import ReduceGradOverTP, all_gather_cat, all_reduce_many, broadcast_, group_rank, group_size
+
+_ROW_BLOCK = 2048  # bounds the fp32 temporary of the residual-norm computation
+
+
+@torch.no_grad()
+def residual_row_sq(weight: Tensor, B0: Tensor, A0: Tensor) -> Tensor:
+    """‖(W − B0 A0)[i, :]‖² per row in fp32, in row blocks (never a full fp32 copy)."""
+    m = weight.shape[0]
+    out = torch.empty(m, dtype=torch.float32, device=weight.device)
+    A0f = A0.float()
+    for start in range(0, m, _ROW_BLOCK):
+        stop = min(m, start + _ROW_BLOCK)
+        block = weight[start:stop].float() - B0[start:stop].float() @ A0f
+        out[start:stop] = (block * block).sum(dim=1)
+    return out
+
+
+def _own(t: Tensor) -> Tensor:
+    """A detached, contiguous copy. SVD factors come out column-major (LAPACK), and
+    DeepSpeed's parameter broadcast views parameters as bytes, which needs stride 1."""
+    return t.detach().clone(memory_format=torch.contiguous_format)
+
+
+def _mark_sharded(params: list[Tensor | None], dim: int) -> None:
+    """Tag TP-sharded parameters the Megatron way. DeepSpeed's gradient-norm code
+    (clipping) counts a parameter on every TP rank only when it carries
+    ``tensor_model_parallel``; untagged (replicated) ones are counted on TP rank 0."""
+    for p in params:
+        if p is not None:
+            p.tensor_model_parallel = True
+            p.partition_dim = dim
+            p.partition_stride = 1
+
+
+def _frozen_linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    """An nn.Linear holding exactly ``weight``/``bias`` (no random init), frozen."""
+    out_f, in_f = weight.shape
+    lin = nn.utils.skip_init(nn.Linear, in_f, out_f, bias=bias is not None,
+                             device=weight.device, dtype=weight.dtype)
+    lin.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias, requires_grad=False)
+    return lin
+
+
+def _lora_linear(weight: Tensor) -> nn.Linear:
+    r_out, r_in = weight.shape
+    lin = nn.utils.skip_init(nn.Linear, r_in, r_out, bias=False, device=weight.device, dtype=weight.dtype)
+    lin.weight = nn.Parameter(weight, requires_grad=True)
+    return lin
+
+
+def _local_backward(ctx, grad_out: Tensor):
+    """The rank-local part of every CE-LoRA gradient, shared by both TP layouts.
+
+    Returns (dX, approx, dXd, dA, dB): dX exact on refresh / exact layers and the
+    CE-LoRA approximation otherwise; ``approx`` the approximation of the indices in
+    use on refresh steps (telemetry), else None. What still needs summing over TP is
+    the caller's business.
+    """
+    xd, weight, lora_A, lora_B, B0, A0, xA = ctx.saved_tensors
+    layer: CELoRALinear = ctx.layer
+    s = layer.scaling
+    m, n = weight.shape
+    G = grad_out.reshape(-1, m)
+    need_x, need_xd, _, _, need_A, need_B = ctx.needs_input_grad[:6]
+
+    GB = G @ lora_B
+    dA = (GB.t() @ xd.reshape(-1, n)).mul_(s) if need_A else None
+    dB = (G.t() @ xA.reshape(-1, xA.shape[-1])).mul_(s) if need_B else None
+
+    refresh = layer.refresh_due()
+    if refresh:
+        layer._accumulate_scores(G)
+    sGB = GB * s
+    dX = approx = dXd = None
+    if need_x:
+        left, right = (sGB, lora_A) if ctx.fused else (None, None)
+        if layer.is_exact or layer.selected is None or refresh:
+            dX = grad_input(G, weight, None, None, None, None, left, right)
+            if refresh and layer.selected is not None:
+                approx = grad_input(G, weight, layer.selected, layer.complement, B0, A0, left, right)
+        else:
+            dX = grad_input(G, weight, layer.selected, layer.complement, B0, A0, left, right)
+    if need_xd and not ctx.fused:
+        dXd = sGB @ lora_A
+    return dX, approx, dXd, dA, dB
+
+
+class _ColumnFunction(_CELoRAFunction):
+    """Forward as CELoRALinear's (on the local rows); backward sums partials over TP.
+
+    Fused (no LoRA dropout): ONE all-reduce of [dX | dA] (+ the approximate dX on
+    refresh steps, so telemetry measures the full layer's error). With dropout the
+    input gradient is summed by :class:`ReduceGradOverTP` in front of the layer
+    instead, after the dropout mask has been applied.
+    """
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        layer: ColumnParallelCELoRALinear = ctx.layer
+        dX, approx, dXd, dA, dB = _local_backward(ctx, grad_out)
+        todo: dict[str, Tensor] = {}
+        if dX is not None and ctx.fused:
+            todo["dX"] = dX
+        if approx is not None:
+            todo["approx"] = approx
+            if not ctx.fused:
+                todo["exact"] = dX
+        if dA is not None:
+            todo["dA"] = dA
+        if todo:
+            done = all_reduce_many(todo, layer.tp_group)
+            if approx is not None:
+                layer._accumulate_error(done["approx"], done["dX" if ctx.fused else "exact"])
+            if ctx.fused and dX is not None:
+                dX = done["dX"]
+            # a private copy: a view would pin the whole flat buffer (T×n) to .grad
+            dA = done["dA"].clone() if dA is not None else None
+        if dX is not None:
+            dX = dX.view(ctx.x_shape)
+        if dXd is not None:
+            dXd = dXd.view(ctx.x_shape)
+        return dX, dXd, None, None, dA, dB, None, None, None
+
+
+class _RowFunction(torch.autograd.Function):
+    """y = allreduce(x_t W0_tᵀ, x_t A_tᵀ) → y + b + s (xA) Bᵀ; backward is rank-local."""
+
+    @staticmethod
+    def forward(ctx, x, xd, weight, bias, lora_A, lora_B, B0, A0, layer):
+        s = layer.scaling
+        done = all_reduce_many({"y": F.linear(x, weight), "xA": F.linear(xd, lora_A)}, layer.tp_group)
+        y, xA = done["y"], done["xA"].clone()  # saved: must not pin the T×m buffer
+        if bias is not None:
+            y = y + bias
+        y = y + s * F.linear(xA, lora_B)
+        ctx.layer = layer
+        ctx.fused = xd is x
+        ctx.x_shape = x.shape
+        ctx.save_for_backward(xd, weight, lora_A, lora_B, B0, A0, xA)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        layer: RowParallelCELoRALinear = ctx.layer
+        dX, approx, dXd, dA, dB = _local_backward(ctx, grad_out)
+        if approx is not None:
+            layer._accumulate_error(approx, dX)  # shard sums; combined over TP in _finish_step
+        if dX is not None:
+            dX = dX.view(ctx.x_shape)
+        if dXd is not None:
+            dXd = dXd.view(ctx.x_shape)
+        return dX, dXd, None, None, dA, dB, None, None, None
+
+
+class _TPCELoRALinear(CELoRALinear):
+    """Common construction: factor the FULL W0 once, agree across TP, keep the shard.
+
+    Built from a full ``nn.Linear`` (with CELoRALinear keyword arguments) or from a
+    full ``CELoRALinear`` (its SVD factors and LoRA values are reused). The TP
+    group's first rank broadcasts B0, A0, A and B before sharding, so all ranks
+    shard one factorisation and one LoRA initialisation even if their SVDs or
+    random seeds differed. The schedule step carries over; a selection does not
+    (the layer runs exact until its next refresh step).
+    """
+
+    parallel_mode = ""
+
+    def __init__(self, source: nn.Linear | CELoRALinear, tp_group: Any, **celora_kwargs: Any) -> None:
+        if isinstance(source, _TPCELoRALinear):
+            raise TypeError(f"{source.name or 'layer'} is already tensor parallel")
+        if isinstance(source, CELoRALinear):
+            if celora_kwargs:
+                raise TypeError(f"options {sorted(celora_kwargs)} apply to nn.Linear sources only; "
+                                "a CELoRALinear brings its own")
+            full = source
+        elif isinstance(source, nn.Linear):
+            full = CELoRALinear(source, **celora_kwargs)
+        else:
+            raise TypeError(f"expected nn.Linear or CELoRALinear, got {type(source).__name__}")
+        if any(hasattr(p, "ds_id") for p in full.parameters()):
+            raise ValueError("tensor-parallel CE-LoRA does not support ZeRO-3 partitioned weights "
+                             "(DeepSpeed TP trains with ZeRO stages 0-2)")
+        nn.Module.__init__(self)
+        self.tp_group = tp_group
+        self.tp_size = group_size(tp_group)
+        self.tp_rank = group_rank(tp_group)
+        self.name = full.name
+        self.full_in_features, self.full_out_features = full.in_features, full.out_features
+        self.r, self.r0, self.scaling, self.keep = full.r, full.r0, full.scaling, full.keep
+        self.refresh_every, self.score, self.sync_indices = full.refresh_every, full.score, full.sync_indices
+        self.lora_dropout = full.lora_dropout
+
+        with torch.no_grad():
+            factors = [] if full.is_exact else [full.B0.data, full.A0.data]
+            lora = [full.lora_A.weight.data, full.lora_B.weight.data]
+            broadcast_(factors + lora, tp_group)
+        self._shard(full)
+        self.register_buffer("selected", None, persistent=False)
+        self.register_buffer("complement", None, persistent=False)
+        self.step = full.step
+        self._pending_colsq = None
+        self._err_sq = self._ref_sq = 0.0
+        self.last_rel_error = None
+        self.last_error_step = None
+
+    def _shard(self, full: CELoRALinear) -> None:
+        raise NotImplementedError
+
+    def _set_factors(self, B0: Tensor | None, A0: Tensor | None, ws_row_sq: Tensor | None) -> None:
+        if self.is_exact:
+            self.register_parameter("B0", None)
+            self.register_parameter("A0", None)
+            self.register_buffer("ws_row_sq", None, persistent=False)
+        else:
+            self.B0 = nn.Parameter(B0, requires_grad=False)
+            self.A0 = nn.Parameter(A0, requires_grad=False)
+            self.register_buffer("ws_row_sq", ws_row_sq, persistent=False)
+
+    def gather_lora(self, grads: bool = False) -> tuple[Tensor, Tensor]:
+        """Full PEFT-shaped (A: r×n, B: m×r) LoRA weights — or their gradients.
+
+        Collective over the TP group: every TP rank must call it.
+        """
+        raise NotImplementedError
+
+    @staticmethod
+    def _value(param: Tensor, grads: bool) -> Tensor:
+        if not grads:
+            return param.detach()
+        if param.grad is None:
+            raise ValueError("gather_lora(grads=True): a LoRA parameter has no gradient yet")
+        return param.grad.detach()
+
+    def extra_repr(self) -> str:
+        return f"{self.parallel_mode}-parallel tp={self.tp_size} rank={self.tp_rank}, " + super().extra_repr()
+
+
+class ColumnParallelCELoRALinear(_TPCELoRALinear):
+    """Output rows sharded over TP; per-shard selection; see the module docstring.
+
+    ``in_features``/``out_features``, ``k`` and ``selected`` are LOCAL (selected
+    indexes this rank's rows); ``full_out_features`` is m.
+    """
+
+    parallel_mode = "column"
+
+    def _shard(self, full: CELoRALinear) -> None:
+        m, tp, t = full.out_features, self.tp_size, self.tp_rank
+        if m % tp:
+            raise ValueError(f"{self.name or 'layer'}: out_features {m} is not divisible by TP size {tp}")
+        m_l = m // tp
+        rows = slice(t * m_l, (t + 1) * m_l)
+        base = full.base_layer
+        self.in_features, self.out_features = full.in_features, m_l
+        self.k = m_l if full.is_exact else num_kept(self.keep, m_l)
+        self.is_exact = self.k == m_l
+        bias = None if base.bias is None else _own(base.bias[rows])
+        self.base_layer = _frozen_linear(_own(base.weight[rows]), bias)
+        self.lora_A = _lora_linear(_own(full.lora_A.weight))
+        self.lora_B = _lora_linear(_own(full.lora_B.weight[rows]))
+        if self.is_exact:
+            self._set_factors(None, None, None)
+        else:
+            B0 = _own(full.B0[rows])
+            A0 = _own(full.A0)
+            self._set_factors(B0, A0, residual_row_sq(self.base_layer.weight, B0, A0))
+        _mark_sharded([self.base_layer.weight, self.base_layer.bias, self.lora_B.weight, self.B0], dim=0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        dropout = self.training and isinstance(self.lora_dropout, nn.Dropout) and self.lora_dropout.p > 0
+        if dropout:
+            x = ReduceGradOverTP.apply(x, self.tp_group)
+            xd = self.lora_dropout(x)
+        else:
+            xd = x  # fused: the layer's own backward all-reduces dX
+        return _ColumnFunction.apply(
+            x, xd, self.base_layer.weight, self.base_layer.bias,
+            self.lora_A.weight, self.lora_B.weight, self.B0, self.A0, self,
+        )
+
+    def gather_lora(self, grads: bool = False) -> tuple[Tensor, Tensor]:
+        A = self._value(self.lora_A.weight, grads)
+        B = all_gather_cat(self._value(self.lora_B.weight, grads), 0, self.tp_group)
+        return A.clone(), B
+
+    def global_selected(self) -> Tensor | None:
+        """This rank's selection in full-layer row numbering (for logs and tests)."""
+        if self.selected is None:
+            return None
+        return self.selected + self.tp_rank * self.out_features
+
+
+class RowParallelCELoRALinear(_TPCELoRALinear):
+    """Input columns sharded over TP; one identical selection on every TP rank.
+
+    ``in_features`` is LOCAL (n/tp), ``out_features``, ``k`` and ``selected`` are
+    the full layer's; ``full_in_features`` is n.
+    """
+
+    parallel_mode = "row"
+
+    def _shard(self, full: CELoRALinear) -> None:
+        n, tp, t = full.in_features, self.tp_size, self.tp_rank
+        if n % tp:
+            raise ValueError(f"{self.name or 'layer'}: in_features {n} is not divisible by TP size {tp}")
+        n_l = n // tp
+        cols = slice(t * n_l, (t + 1) * n_l)
+        base = full.base_layer
+        self.in_features, self.out_features = n_l, full.out_features
+        self.k, self.is_exact = full.k, full.is_exact
+        bias = None if base.bias is None else _own(base.bias)
+        self.base_layer = _frozen_linear(_own(base.weight[:, cols]), bias)
+        self.lora_A = _lora_linear(_own(full.lora_A.weight[:, cols]))
+        self.lora_B = _lora_linear(_own(full.lora_B.weight))
+        if self.is_exact:
+            self._set_factors(None, None, None)
+        else:
+            B0 = _own(full.B0)
+            A0 = _own(full.A0[:, cols])
+            ws_row_sq = residual_row_sq(self.base_layer.weight, B0, A0)  # partial: this column shard
+            ws_row_sq = all_reduce_many({"ws": ws_row_sq}, self.tp_group)["ws"].clone()
+            self._set_factors(B0, A0, ws_row_sq)
+        _mark_sharded([self.base_layer.weight, self.lora_A.weight, self.A0], dim=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        xd = self.lora_dropout(x)  # the mask acts on this rank's own input columns
+        return _RowFunction.apply(
+            x, xd, self.base_layer.weight, self.base_layer.bias,
+            self.lora_A.weight, self.lora_B.weight, self.B0, self.A0, self,
+        )
+
+    def _finish_step(self) -> None:
+        if self._pending_colsq is None:
+            super()._finish_step()
+            return
+        # Telemetry: the full dX's squared error is the sum over the column shards.
+        sums = torch.tensor([self._err_sq, self._ref_sq], dtype=torch.float64,
+                            device=self.base_layer.weight.device)
+        sums = all_reduce_many({"s": sums}, self.tp_group)["s"]
+        self._err_sq, self._ref_sq = float(sums[0]), float(sums[1])
+        super()._finish_step()
+        selected = self.selected.clone()
+        broadcast_([selected], self.tp_group)  # identical I on every TP rank, by construction
+        self.set_selected(selected)
+
+    def gather_lora(self, grads: bool = False) -> tuple[Tensor, Tensor]:
+        A = all_gather_cat(self._value(self.lora_A.weight, grads), 1, self.tp_group)
+        B = self._value(self.lora_B.weight, grads)
+        return A, B.clone()
+
+
+def tp_layers(model: nn.Module):
+    """(name, layer) for every tensor-parallel CE-LoRA layer of ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, _TPCELoRALinear):
+            yield name, module
+
+
+__all__ = ["ColumnParallelCELoRALinear", "RowParallelCELoRALinear", "residual_row_sq", "tp_layers"]
+
