@@ -88,37 +88,53 @@ class _CELoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        xd, weight, lora_A, lora_B, B0, A0, xA = ctx.saved_tensors
         layer: CELoRALinear = ctx.layer
-        s = layer.scaling
-        m, n = weight.shape
-        G = grad_out.reshape(-1, m)
-        need_x, need_xd, _, _, need_A, need_B = ctx.needs_input_grad[:6]
-
-        GB = G @ lora_B  # (T, r): shared by dA and the LoRA part of dX
-        dA = (GB.t() @ xd.reshape(-1, n)).mul_(s) if need_A else None
-        dB = (G.t() @ xA.reshape(-1, xA.shape[-1])).mul_(s) if need_B else None
-
-        refresh = layer.refresh_due()
-        if refresh:
-            layer._accumulate_scores(G)
-
-        dX = dXd = None
-        sGB = GB * s
-        if need_x:
-            left, right = (sGB, lora_A) if ctx.fused else (None, None)
-            if layer.is_exact or layer.selected is None or refresh:
-                dX = grad_input(G, weight, None, None, None, None, left, right)
-                if refresh:
-                    approx = None if layer.selected is None else \
-                        grad_input(G, weight, layer.selected, layer.complement, B0, A0, left, right)
-                    layer.error.add(dX, approx)
-            else:
-                dX = grad_input(G, weight, layer.selected, layer.complement, B0, A0, left, right)
+        dX, approx, dXd, dA, dB = local_backward(ctx, grad_out)
+        if dX is not None:
+            if layer.refresh_due():
+                layer.error.add(dX, approx)
             dX = dX.view(ctx.x_shape)
-        if need_xd and not ctx.fused:
-            dXd = (sGB @ lora_A).view(ctx.x_shape)
+        if dXd is not None:
+            dXd = dXd.view(ctx.x_shape)
         return dX, dXd, None, None, dA, dB, None, None, None
+
+
+def local_backward(ctx, grad_out: Tensor):
+    """Every CE-LoRA gradient of one (possibly tensor-parallel shard of a) layer.
+
+    Returns (dX, approx, dXd, dA, dB) as 2-D tensors: dX exact on refresh steps and
+    exact layers, the CE-LoRA approximation otherwise; ``approx`` the approximation
+    of the indices in use on refresh steps (for telemetry), else None; dXd the LoRA
+    branch's input gradient when dropout separates it from x. Refresh-step scores
+    are accumulated here. Summing over a TP group is the caller's business.
+    """
+    xd, weight, lora_A, lora_B, B0, A0, xA = ctx.saved_tensors
+    layer: CELoRALinear = ctx.layer
+    s = layer.scaling
+    m, n = weight.shape
+    G = grad_out.reshape(-1, m)
+    need_x, need_xd, _, _, need_A, need_B = ctx.needs_input_grad[:6]
+
+    GB = G @ lora_B  # (T, r): shared by dA and the LoRA part of dX
+    dA = (GB.t() @ xd.reshape(-1, n)).mul_(s) if need_A else None
+    dB = (G.t() @ xA.reshape(-1, xA.shape[-1])).mul_(s) if need_B else None
+
+    refresh = layer.refresh_due()
+    if refresh:
+        layer._accumulate_scores(G)
+    sGB = GB * s
+    dX = approx = dXd = None
+    if need_x:
+        left, right = (sGB, lora_A) if ctx.fused else (None, None)
+        if layer.is_exact or layer.selected is None or refresh:
+            dX = grad_input(G, weight, None, None, None, None, left, right)
+            if refresh and layer.selected is not None:
+                approx = grad_input(G, weight, layer.selected, layer.complement, B0, A0, left, right)
+        else:
+            dX = grad_input(G, weight, layer.selected, layer.complement, B0, A0, left, right)
+    if need_xd and not ctx.fused:
+        dXd = sGB @ lora_A
+    return dX, approx, dXd, dA, dB
 
 
 class CELoRALinear(nn.Module):

@@ -166,7 +166,7 @@ def _layer_worker(rank: int, out_dir: str, tp_group, dp_group) -> None:
                 sel = layer.global_selected() if key == "col" else layer.selected
                 rec[key].append({"y": y.detach(), "dX": x.grad, "dA": A_grad, "dB": B_grad,
                                  "selected": None if sel is None else sel.clone()})
-        rec["col_err"], rec["row_err"] = col.last_rel_error, row.last_rel_error
+        rec["col_err"], rec["row_err"] = col.error.last, row.error.last
         results[dropout] = rec
     torch.save(results, Path(out_dir) / f"layer_rank{rank}.pt")
 

@@ -39,7 +39,8 @@ from torch import Tensor, nn
 
 from ..config import num_kept
 from ..kernels import grad_input
-from ..layer import CELoRALinear, _CELoRAFunction
+from ..layer import CELoRALinear, _CELoRAFunction, local_backward
+from ..selection import RelErrorMeter
 from .comm import ReduceGradOverTP, all_gather_cat, all_reduce_many, broadcast_, group_rank, group_size
 
 _ROW_BLOCK = 2048  # bounds the fp32 temporary of the residual-norm computation
@@ -93,43 +94,6 @@ def _lora_linear(weight: Tensor) -> nn.Linear:
     return lin
 
 
-def _local_backward(ctx, grad_out: Tensor):
-    """The rank-local part of every CE-LoRA gradient, shared by both TP layouts.
-
-    Returns (dX, approx, dXd, dA, dB): dX exact on refresh / exact layers and the
-    CE-LoRA approximation otherwise; ``approx`` the approximation of the indices in
-    use on refresh steps (telemetry), else None. What still needs summing over TP is
-    the caller's business.
-    """
-    xd, weight, lora_A, lora_B, B0, A0, xA = ctx.saved_tensors
-    layer: CELoRALinear = ctx.layer
-    s = layer.scaling
-    m, n = weight.shape
-    G = grad_out.reshape(-1, m)
-    need_x, need_xd, _, _, need_A, need_B = ctx.needs_input_grad[:6]
-
-    GB = G @ lora_B
-    dA = (GB.t() @ xd.reshape(-1, n)).mul_(s) if need_A else None
-    dB = (G.t() @ xA.reshape(-1, xA.shape[-1])).mul_(s) if need_B else None
-
-    refresh = layer.refresh_due()
-    if refresh:
-        layer._accumulate_scores(G)
-    sGB = GB * s
-    dX = approx = dXd = None
-    if need_x:
-        left, right = (sGB, lora_A) if ctx.fused else (None, None)
-        if layer.is_exact or layer.selected is None or refresh:
-            dX = grad_input(G, weight, None, None, None, None, left, right)
-            if refresh and layer.selected is not None:
-                approx = grad_input(G, weight, layer.selected, layer.complement, B0, A0, left, right)
-        else:
-            dX = grad_input(G, weight, layer.selected, layer.complement, B0, A0, left, right)
-    if need_xd and not ctx.fused:
-        dXd = sGB @ lora_A
-    return dX, approx, dXd, dA, dB
-
-
 class _ColumnFunction(_CELoRAFunction):
     """Forward as CELoRALinear's (on the local rows); backward sums partials over TP.
 
@@ -142,7 +106,7 @@ class _ColumnFunction(_CELoRAFunction):
     @staticmethod
     def backward(ctx, grad_out):
         layer: ColumnParallelCELoRALinear = ctx.layer
-        dX, approx, dXd, dA, dB = _local_backward(ctx, grad_out)
+        dX, approx, dXd, dA, dB = local_backward(ctx, grad_out)
         todo: dict[str, Tensor] = {}
         if dX is not None and ctx.fused:
             todo["dX"] = dX
@@ -155,7 +119,7 @@ class _ColumnFunction(_CELoRAFunction):
         if todo:
             done = all_reduce_many(todo, layer.tp_group)
             if approx is not None:
-                layer._accumulate_error(done["approx"], done["dX" if ctx.fused else "exact"])
+                layer.error.add(done["dX" if ctx.fused else "exact"], done["approx"])
             if ctx.fused and dX is not None:
                 dX = done["dX"]
             # a private copy: a view would pin the whole flat buffer (T×n) to .grad
@@ -187,9 +151,9 @@ class _RowFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         layer: RowParallelCELoRALinear = ctx.layer
-        dX, approx, dXd, dA, dB = _local_backward(ctx, grad_out)
+        dX, approx, dXd, dA, dB = local_backward(ctx, grad_out)
         if approx is not None:
-            layer._accumulate_error(approx, dX)  # shard sums; combined over TP in _finish_step
+            layer.error.add(dX, approx)  # shard sums; combined over TP in _finish_step
         if dX is not None:
             dX = dX.view(ctx.x_shape)
         if dXd is not None:
@@ -225,7 +189,11 @@ class _TPCELoRALinear(CELoRALinear):
         if any(hasattr(p, "ds_id") for p in full.parameters()):
             raise ValueError("tensor-parallel CE-LoRA does not support ZeRO-3 partitioned weights "
                              "(DeepSpeed TP trains with ZeRO stages 0-2)")
+        if full.adaptive:
+            raise ValueError(f"{full.name or 'layer'}: keep='auto' is not supported with tensor "
+                             "parallelism yet; give a fixed keep ratio")
         nn.Module.__init__(self)
+        self.adaptive, self.error_budget = False, full.error_budget
         self.tp_group = tp_group
         self.tp_size = group_size(tp_group)
         self.tp_rank = group_rank(tp_group)
@@ -244,9 +212,7 @@ class _TPCELoRALinear(CELoRALinear):
         self.register_buffer("complement", None, persistent=False)
         self.step = full.step
         self._pending_colsq = None
-        self._err_sq = self._ref_sq = 0.0
-        self.last_rel_error = None
-        self.last_error_step = None
+        self.error = RelErrorMeter()
 
     def _shard(self, full: CELoRALinear) -> None:
         raise NotImplementedError
@@ -379,10 +345,10 @@ class RowParallelCELoRALinear(_TPCELoRALinear):
             super()._finish_step()
             return
         # Telemetry: the full dX's squared error is the sum over the column shards.
-        sums = torch.tensor([self._err_sq, self._ref_sq], dtype=torch.float64,
+        sums = torch.tensor([self.error.err_sq, self.error.ref_sq], dtype=torch.float64,
                             device=self.base_layer.weight.device)
         sums = all_reduce_many({"s": sums}, self.tp_group)["s"]
-        self._err_sq, self._ref_sq = float(sums[0]), float(sums[1])
+        self.error.err_sq, self.error.ref_sq = float(sums[0]), float(sums[1])
         super()._finish_step()
         selected = self.selected.clone()
         broadcast_([selected], self.tp_group)  # identical I on every TP rank, by construction
