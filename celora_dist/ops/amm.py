@@ -12,6 +12,20 @@ import torch
 from torch import Tensor
 
 
+def check_grad_input_shapes(grad_output: Tensor, weight: Tensor) -> None:
+    """Raise unless (T, m) @ (m, n) chains; shared by every dX implementation."""
+    if grad_output.dim() != 2 or weight.dim() != 2 or grad_output.shape[1] != weight.shape[0]:
+        raise ValueError(
+            f"celora_grad_input: grad_output {tuple(grad_output.shape)} and weight "
+            f"{tuple(weight.shape)} do not chain as (T, m) @ (m, n)"
+        )
+
+
+def complement_term(grad_output: Tensor, selected: Tensor, complement: Tensor, B0: Tensor) -> Tensor:
+    """G[:, Ī] @ B0[Ī], the (T, r0) left factor of the double-LoRA term, in G's dtype."""
+    return grad_output.index_select(1, complement) @ B0.index_select(0, complement)
+
+
 def celora_grad_input(
     grad_output: Tensor,
     weight: Tensor,
@@ -29,11 +43,7 @@ def celora_grad_input(
     lora_left (T, r), lora_right (r, n): an extra term added exactly.
     Matmuls run in the input dtype; torch accumulates bf16/fp16 GEMMs in fp32.
     """
-    if grad_output.dim() != 2 or weight.dim() != 2 or grad_output.shape[1] != weight.shape[0]:
-        raise ValueError(
-            f"celora_grad_input: grad_output {tuple(grad_output.shape)} and weight "
-            f"{tuple(weight.shape)} do not chain as (T, m) @ (m, n)"
-        )
+    check_grad_input_shapes(grad_output, weight)
     has_lora = lora_left is not None and lora_right is not None
     if selected is None:
         # Exact: dense dX, the plain LoRA backward.
@@ -46,7 +56,7 @@ def celora_grad_input(
     lefts = [grad_output.index_select(1, selected)]
     rights = [weight.index_select(0, selected)]
     if B0.shape[1] > 0:
-        lefts.append(grad_output.index_select(1, complement) @ B0.index_select(0, complement))
+        lefts.append(complement_term(grad_output, selected, complement, B0))
         rights.append(A0)
     if has_lora:
         lefts.append(lora_left)
