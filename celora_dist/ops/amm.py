@@ -61,6 +61,14 @@ def celora_grad_input(
     if has_lora:
         lefts.append(lora_left)
         rights.append(lora_right)
+    if len(lefts) > 1 and grad_output.dtype == torch.float32:
+        # fp32: the kept-feature GEMM plus ONE addmm of the small (T, r0 + r) operand
+        # skips copying the gathered (T, k) and (k, n) operands into cat'ed buffers:
+        # 1.44x -> 1.53x over dense at keep 0.55 on (T, m, n) = (2048, 3584, 1024), 1 core
+        # (ceiling 1.79x). Same sum, one more fp32 rounding. Half precision keeps the
+        # single GEMM: an intermediate bf16/fp16 output would add a coarse rounding.
+        out = lefts[0] @ rights[0]
+        return out.addmm_(torch.cat(lefts[1:], dim=1), torch.cat(rights[1:], dim=0))
     return torch.cat(lefts, dim=1) @ torch.cat(rights, dim=0)
 
 
