@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import time
@@ -121,7 +122,7 @@ def bench_case(m: int, n: int, T: int, keep: float, dtype: torch.dtype, device: 
 def run(args: argparse.Namespace) -> list[dict[str, object]]:
     """All rows of the table, printed as they are measured."""
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = DTYPES[args.dtype]
     triton_fn = None
     if device.type == "cuda":
         from celora_dist.kernels.amm_triton import celora_grad_input_triton as triton_fn
@@ -156,6 +157,19 @@ def _fmt(v: object) -> str:
     return str(v)
 
 
+def _machine(device: str) -> str:
+    """The processor the numbers belong to (GPU name, or /proc/cpuinfo's model name)."""
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} logical CPUs"
+    except OSError:
+        pass
+    return f"cpu, {os.cpu_count()} logical CPUs"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
@@ -173,6 +187,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.shapes, args.repeats = "smoke", args.repeats or 1
     args.shapes = args.shapes or ("llama" if args.device == "cuda" else "small")
     args.repeats = args.repeats or (20 if args.device == "cuda" else 5)
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     return args
 
 
@@ -180,7 +195,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"# device={args.device} dtype={args.dtype or 'default'} shapes={args.shapes} "
+    print(f"# {_machine(args.device)}")
+    print(f"# device={args.device} dtype={args.dtype} shapes={args.shapes} "
           f"repeats={args.repeats} r0={R0} r={R} threads={torch.get_num_threads()} torch={torch.__version__}")
     return run(args)
 
