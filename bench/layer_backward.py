@@ -5,8 +5,7 @@ ratio it times, interleaved in one run and reported as medians of ``--repeats``:
 
     dense   G @ W0 + L @ R                          (PEFT: base-layer dX + LoRA term)
     torch   celora_dist.ops.amm.celora_grad_input   (the reference / CPU path)
-    triton  celora_grad_input_triton                (CUDA only; G[:, I] gathered in the kernel)
-    tri_pg  the same with G[:, I] pre-gathered by torch, W0 rows still in-kernel (CUDA only)
+    triton  celora_grad_input_triton                (CUDA only)
 
 and prints each speed-up over dense next to the FLOP ceiling m / (k + r0 + r) (DESIGN.md
 §3; 1.0 at keep 1.0, where the layer is exact and both paths are the dense GEMM) and
@@ -38,10 +37,9 @@ MODELS = {"llama3-8b": (4096, 14336, 1024), "llama3.2-1b": (2048, 8192, 512)}
 KEEPS = (0.3, 0.55, 0.65, 1.0)
 R0, R = 14, 14  # the released config: r0 = 14 double-LoRA rank, trainable r = 14
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-METHODS = ("torch", "triton", "tri_pg")
-COLUMNS = ("model", "proj", "m", "n", "T", "keep", "k", "dense_ms", "torch_ms", "triton_ms", "tri_pg_ms",
-           "ceiling", "torch_x", "torch_%ceil", "triton_x", "triton_%ceil", "tri_pg_x", "tri_pg_%ceil",
-           "triton_err")
+METHODS = ("torch", "triton")
+COLUMNS = ("model", "proj", "m", "n", "T", "keep", "k", "dense_ms", "torch_ms", "triton_ms",
+           "ceiling", "torch_x", "torch_%ceil", "triton_x", "triton_%ceil", "triton_err")
 
 
 def projection_shapes(model: str, scale: int = 1) -> list[tuple[str, int, int]]:
@@ -106,8 +104,7 @@ def bench_case(m: int, n: int, T: int, keep: float, dtype: torch.dtype, device: 
         "torch": lambda: celora_grad_input(G, W0, *approx, L, Rm),
     }
     if triton_fn is not None:
-        methods["triton"] = lambda: triton_fn(G, W0, *approx, L, Rm, gather_g=True)
-        methods["tri_pg"] = lambda: triton_fn(G, W0, *approx, L, Rm, gather_g=False)
+        methods["triton"] = lambda: triton_fn(G, W0, *approx, L, Rm)
     timed = _timer(device)
     for fn in methods.values():  # warm-up (and Triton autotuning) outside the timings
         fn()
@@ -117,10 +114,9 @@ def bench_case(m: int, n: int, T: int, keep: float, dtype: torch.dtype, device: 
             times[name].append(timed(fn))
     result = {name: statistics.median(ts) for name, ts in times.items()}
     result["k"] = k
-    if triton_fn is not None:  # both Triton variants against the reference, relative to max|dX|
-        ref = methods["torch"]().float()
-        result["triton_err"] = max(float((methods[name]().float() - ref).abs().max() / ref.abs().max())
-                                   for name in ("triton", "tri_pg"))
+    if triton_fn is not None:  # Triton against the reference, relative to max|dX|
+        ref, out = methods["torch"]().float(), methods["triton"]().float()
+        result["triton_err"] = float((out - ref).abs().max() / ref.abs().max())
     return result
 
 
@@ -131,7 +127,7 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
     triton_fn = None
     # CUDA, or any device under TRITON_INTERPRET=1 (slow; for checking this script on CPU)
     if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        from celora_dist.kernels.amm_triton import triton_grad_input as triton_fn
+        from celora_dist.kernels.amm_triton import celora_grad_input_triton as triton_fn
     print("| " + " | ".join(COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))
     rows = []

@@ -195,19 +195,3 @@ def test_auto_uses_torch_on_cpu(monkeypatch):
     with pytest.raises(ValueError):
         dispatch.kernel_backend("cpu")
 
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("layout", ["contiguous", "column_stride"])
-def test_amm_pregathered_g(kern, monkeypatch, dtype, layout):
-    """CELORA_TRITON_GATHER_G=torch: G[:, I] gathered by torch, W0 rows still in-kernel."""
-    monkeypatch.setenv("CELORA_TRITON_GATHER_G", "torch")
-    assert not kern.amm.gather_g_in_kernel()
-    args = _problem(37, 53, 29, 20, r0=5, r=3, dtype=dtype, seed=6)
-    if layout == "column_stride":
-        wide = torch.zeros(37, 106, dtype=dtype)
-        wide[:, 1::2] = args["grad_output"]
-        args["grad_output"] = wide[:, 1::2]
-    _check(kern.amm.celora_grad_input_triton(**args), args, dtype)
-    monkeypatch.setenv("CELORA_TRITON_GATHER_G", "bogus")
-    with pytest.raises(ValueError):
-        kern.amm.gather_g_in_kernel()

@@ -5,11 +5,19 @@
 The kernel walks two K-segments into one fp32 accumulator: the first gathers
 columns I of G and rows I of W0 by index as it loads them (no W0[I] copy, no
 G[:, I] copy); the second is the small (T, r0 + r) operand S against (r0 + r, n).
-With CELORA_TRITON_GATHER_G=torch, G[:, I] is gathered by torch first and the kernel
-gathers only W0's rows (see gather_g_in_kernel for why). S is built by torch: G[:, Ī] B0[Ī] is a skinny (T, m) @ (m, r0) GEMM that is
+S is built by torch: G[:, Ī] B0[Ī] is a skinny (T, m) @ (m, r0) GEMM that is
 memory-bound on reading G, cheaper as one cuBLAS/MKL call over G with B0's rows I
 zeroed than as a gather of G[:, Ī] (which reads G and writes a (T, m − k) copy),
 and a second pass over G inside the tile loop would re-read G once per n-tile.
+
+What the GPU compiler makes of it (Triton 3.9, sm_90, bf16, 128x256x64 tile; checked
+ahead of time without a GPU by tests/aot_compile_cases.py): the K-loop is software-
+pipelined, the W0[I] rows and the indices arrive by 16-byte async copies into 3 shared-
+memory stages, and the G[:, I] tile is gathered with 2-byte register loads (its
+columns are scattered along G's contiguous dimension, so they cannot be vectorised).
+Pre-gathering G[:, I] with torch was tried and compiled to the same scalar loads (the
+tile mask along an arbitrary k defeats vectorisation), so it would only add a T×k
+copy. GPU timings are still missing: no GPU was lent to this work.
 """
 from __future__ import annotations
 
@@ -54,7 +62,7 @@ def _amm_kernel(
     stride_ot, stride_on,
     T_BUCKET, K_BUCKET,  # autotune keys only (bucketed T and k), unused in the body
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, GATHER_A: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(T, BLOCK_M)
@@ -72,17 +80,12 @@ def _amm_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
-    # Segment 1: G[:, I] @ W0[I, :], gathered by index at load time. GATHER_A=False:
-    # g_ptr already holds the (T, k) G[:, I] and only W0's rows are gathered.
+    # Segment 1: G[:, I] @ W0[I, :], gathered by index at load time.
     for k0 in range(0, K1, BLOCK_K):
         kk = k0 + offs_k
         k_ok = kk < K1
         idx = tl.load(idx_ptr + kk, mask=k_ok, other=0).to(tl.int64)
-        if GATHER_A:
-            a_cols = idx
-        else:
-            a_cols = kk.to(tl.int64)
-        a = tl.load(g_ptr + rows[:, None] * stride_gt + a_cols[None, :] * stride_gm,
+        a = tl.load(g_ptr + rows[:, None] * stride_gt + idx[None, :] * stride_gm,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_ptr + idx[:, None] * stride_wm + cols[None, :] * stride_wn,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
@@ -110,23 +113,7 @@ def _amm_kernel(
 
 # T and k are bucketed to powers of two so a new token count or keep ratio reuses the
 # tuned config of its bucket instead of re-benchmarking (the in-between heuristic).
-_amm_kernel_tuned = triton.autotune(configs=GPU_CONFIGS, key=["T_BUCKET", "N", "K_BUCKET", "GATHER_A"])(_amm_kernel)
-
-
-def gather_g_in_kernel() -> bool:
-    """Where G[:, I] is gathered: in the kernel (default, the spec's form) or by torch.
-
-    ``CELORA_TRITON_GATHER_G=torch`` pre-gathers G[:, I] with index_select (one extra
-    T×k write and read). Reason to offer it, found by compiling for sm_90 ahead of
-    time (tests/aot_compile_cases.py): a K-loop whose A tile is gathered along G's
-    contiguous dimension gets no software pipelining from Triton 3.9 (no async copies,
-    one smem stage), while gathering only W0's rows (contiguous) pipelines 3 stages.
-    Which wins on a GPU is unmeasured here (no GPU lent): the layer bench times both.
-    """
-    choice = os.environ.get("CELORA_TRITON_GATHER_G", "kernel").lower()
-    if choice not in ("kernel", "torch"):
-        raise ValueError(f"CELORA_TRITON_GATHER_G must be 'kernel' or 'torch', got {choice!r}")
-    return choice == "kernel"
+_amm_kernel_tuned = triton.autotune(configs=GPU_CONFIGS, key=["T_BUCKET", "N", "K_BUCKET"])(_amm_kernel)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -137,20 +124,17 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def launch_amm(G: Tensor, W: Tensor, idx: Tensor, S: Tensor | None, Rs: Tensor | None,
-               config: dict | None = None, gather_g: bool = True) -> Tensor:
+               config: dict | None = None) -> Tensor:
     """One launch of ``G[:, idx] @ W[idx] + S @ Rs`` (S, Rs optional), output in G's dtype.
 
     ``config``: fixed tile sizes (tests); default autotuned on GPU, INTERPRET_CONFIG
-    under the interpreter. ``gather_g=False``: torch gathers G[:, idx] first (see
-    :func:`gather_g_in_kernel`); W's rows are always gathered in the kernel.
+    under the interpreter.
     """
     T, N = G.shape[0], W.shape[1]
     out = torch.empty((T, N), dtype=G.dtype, device=G.device)
     if T == 0 or N == 0:
         return out
     idx = idx.contiguous()
-    if not gather_g:
-        G = G.index_select(1, idx)
     if S is None:
         S, Rs = G, W  # never read: K2 = 0
         K2 = 0
@@ -161,7 +145,7 @@ def launch_amm(G: Tensor, W: Tensor, idx: Tensor, S: Tensor | None, Rs: Tensor |
             S.stride(0), S.stride(1), Rs.stride(0), Rs.stride(1),
             out.stride(0), out.stride(1),
             triton.next_power_of_2(T), triton.next_power_of_2(max(idx.numel(), 1)))
-    flags = {"UPCAST": INTERPRET, "DOT_PRECISION": _dot_precision(G.dtype), "GATHER_A": gather_g}
+    flags = {"UPCAST": INTERPRET, "DOT_PRECISION": _dot_precision(G.dtype)}
     if config is None and not INTERPRET:
         def grid(meta):
             return (triton.cdiv(T, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
@@ -188,21 +172,12 @@ def celora_grad_input_triton(
 
     ``selected=None`` (exact) takes the dense torch path: with nothing to gather,
     cuBLAS' dense GEMM is the faster kernel, so keep 1.0 is never slower than dense.
-    Where G[:, I] is gathered follows :func:`gather_g_in_kernel`.
     """
-    return triton_grad_input(grad_output, weight, selected, complement, B0, A0, lora_left, lora_right,
-                             gather_g=gather_g_in_kernel())
-
-
-def triton_grad_input(grad_output: Tensor, weight: Tensor, selected: Tensor | None,
-                      complement: Tensor | None, B0: Tensor | None, A0: Tensor | None,
-                      lora_left: Tensor | None, lora_right: Tensor | None, *, gather_g: bool = True) -> Tensor:
-    """:func:`celora_grad_input_triton` with the G-gather placement explicit (the bench times both)."""
     check_grad_input_shapes(grad_output, weight)
     if selected is None:
         return _reference_grad_input(grad_output, weight, None, None, None, None, lora_left, lora_right)
     if B0 is None or A0 is None or complement is None:
-        raise ValueError("triton_grad_input: approximate mode needs complement, B0 and A0")
+        raise ValueError("celora_grad_input_triton: approximate mode needs complement, B0 and A0")
     dtype = grad_output.dtype
     lefts, rights = [], []
     if B0.shape[1] > 0 and complement.numel() > 0:  # empty Ī: the term is exactly zero
@@ -215,4 +190,4 @@ def triton_grad_input(grad_output: Tensor, weight: Tensor, selected: Tensor | No
     if lefts:
         S = torch.cat([t.to(dtype) for t in lefts], dim=1) if len(lefts) > 1 else lefts[0].to(dtype)
         Rs = torch.cat([t.to(dtype) for t in rights], dim=0) if len(rights) > 1 else rights[0].to(dtype)
-    return launch_amm(grad_output, weight, selected, S, Rs, gather_g=gather_g)
+    return launch_amm(grad_output, weight, selected, S, Rs)
