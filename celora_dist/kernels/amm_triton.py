@@ -5,10 +5,11 @@
 The kernel walks two K-segments into one fp32 accumulator: the first gathers
 columns I of G and rows I of W0 by index as it loads them (no W0[I] copy, no
 G[:, I] copy); the second is the small (T, r0 + r) operand S against (r0 + r, n).
-S is built by torch: G[:, Ī] B0[Ī] is a skinny (T, m) @ (m, r0) GEMM that is
-memory-bound on reading G, cheaper as one cuBLAS/MKL call over G with B0's rows I
-zeroed than as a gather of G[:, Ī] (which reads G and writes a (T, m − k) copy),
-and a second pass over G inside the tile loop would re-read G once per n-tile.
+S is built by torch with ops.amm.complement_term, the reference's own gather-GEMM,
+so both paths round S identically in half precision: fusing G[:, Ī] B0[Ī] into the
+kernel would need a second pass over G per n-tile, and S is only (T, r0 + r).
+(Writing it as G @ B0 with rows I zeroed would skip the (T, m − k) gather copy; on
+CPU the two were within noise, on GPU it is unmeasured.)
 
 What the GPU compiler makes of it (Triton 3.9, sm_90, bf16, 128x256x64 tile; checked
 ahead of time without a GPU by tests/aot_compile_cases.py): the K-loop is software-
