@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import AUTO, SCORE_MODES, num_kept
-from .kernels import grad_input
-from .ops.amm import gradient_scores
+from .kernels import grad_input, gradient_scores
 from .selection import RelErrorMeter, choose_k, complement_of, select_indices
 
 # Row block for the one-off residual norm computation: bounds the fp32 temporary to

@@ -12,6 +12,20 @@ import torch
 from torch import Tensor
 
 
+def check_grad_input_shapes(grad_output: Tensor, weight: Tensor) -> None:
+    """Raise unless (T, m) @ (m, n) chains; shared by every dX implementation."""
+    if grad_output.dim() != 2 or weight.dim() != 2 or grad_output.shape[1] != weight.shape[0]:
+        raise ValueError(
+            f"celora_grad_input: grad_output {tuple(grad_output.shape)} and weight "
+            f"{tuple(weight.shape)} do not chain as (T, m) @ (m, n)"
+        )
+
+
+def complement_term(grad_output: Tensor, selected: Tensor, complement: Tensor, B0: Tensor) -> Tensor:
+    """G[:, Ī] @ B0[Ī], the (T, r0) left factor of the double-LoRA term, in G's dtype."""
+    return grad_output.index_select(1, complement) @ B0.index_select(0, complement)
+
+
 def celora_grad_input(
     grad_output: Tensor,
     weight: Tensor,
@@ -30,11 +44,7 @@ def celora_grad_input(
     lora_left (T, r), lora_right (r, n): an extra term added exactly.
     Matmuls run in the input dtype; torch accumulates bf16/fp16 GEMMs in fp32.
     """
-    if grad_output.dim() != 2 or weight.dim() != 2 or grad_output.shape[1] != weight.shape[0]:
-        raise ValueError(
-            f"celora_grad_input: grad_output {tuple(grad_output.shape)} and weight "
-            f"{tuple(weight.shape)} do not chain as (T, m) @ (m, n)"
-        )
+    check_grad_input_shapes(grad_output, weight)
     has_lora = lora_left is not None and lora_right is not None
     if selected is None:
         # Exact: dense dX, the plain LoRA backward.
@@ -47,11 +57,19 @@ def celora_grad_input(
     if B0 is not None and B0.shape[1] > 0:
         if A0 is None or complement is None:
             raise ValueError("celora_grad_input: the B0 A0 term needs A0 and the complement of selected")
-        lefts.append(grad_output.index_select(1, complement) @ B0.index_select(0, complement))
+        lefts.append(complement_term(grad_output, selected, complement, B0))
         rights.append(A0)
     if has_lora:
         lefts.append(lora_left)
         rights.append(lora_right)
+    if len(lefts) > 1 and grad_output.dtype == torch.float32:
+        # fp32: the kept-feature GEMM plus ONE addmm of the small (T, r0 + r) operand
+        # skips copying the gathered (T, k) and (k, n) operands into cat'ed buffers:
+        # 1.44x -> 1.53x over dense at keep 0.55 on (T, m, n) = (2048, 3584, 1024), 1 core
+        # (ceiling 1.79x). Same sum, one more fp32 rounding. Half precision keeps the
+        # single GEMM: an intermediate bf16/fp16 output would add a coarse rounding.
+        out = lefts[0] @ rights[0]
+        return out.addmm_(torch.cat(lefts[1:], dim=1), torch.cat(rights[1:], dim=0))
     return torch.cat(lefts, dim=1) @ torch.cat(rights, dim=0)
 
 

@@ -1,0 +1,209 @@
+"""Layer-backward benchmark: CE-LoRA dX against the dense dX PEFT's LoRA backward computes.
+
+For each projection shape (m = out features, n = in features), token count T and keep
+ratio it times, interleaved in one run and reported as medians of ``--repeats``:
+
+    dense   G @ W0 + L @ R                          (PEFT: base-layer dX + LoRA term)
+    torch   celora_dist.ops.amm.celora_grad_input   (the reference / CPU path)
+    triton  celora_grad_input_triton                (CUDA only)
+
+and prints each speed-up over dense next to the FLOP ceiling m / (k + r0 + r) (DESIGN.md
+§3; 1.0 at keep 1.0, where the layer is exact and both paths are the dense GEMM) and
+the fraction of the ceiling achieved. L = s·G B is an input of both: the layer
+computes G B once for dA anyway. Example:
+
+    python bench/layer_backward.py --device cpu              # scaled shapes, 1-2 min on 2 cores
+    python bench/layer_backward.py --device cuda --shapes llama --dtype bf16
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
+
+from celora_dist.ops.amm import celora_grad_input  # noqa: E402
+
+# (hidden, intermediate, kv width) of the LLaMA models the issue names.
+MODELS = {"llama3-8b": (4096, 14336, 1024), "llama3.2-1b": (2048, 8192, 512)}
+KEEPS = (0.3, 0.55, 0.65, 1.0)
+R0, R = 14, 14  # the released config: r0 = 14 double-LoRA rank, trainable r = 14
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+METHODS = ("torch", "triton")
+COLUMNS = ("model", "proj", "m", "n", "T", "keep", "k", "dense_ms", "torch_ms", "triton_ms",
+           "ceiling", "torch_x", "torch_%ceil", "triton_x", "triton_%ceil", "triton_err")
+
+
+def projection_shapes(model: str, scale: int = 1) -> list[tuple[str, int, int]]:
+    """(proj, m, n) for q/k/v/o/gate/up/down, every dimension divided by ``scale``."""
+    h, i, kv = (d // scale for d in MODELS[model])
+    return [("q", h, h), ("k", kv, h), ("v", kv, h), ("o", h, h),
+            ("gate", i, h), ("up", i, h), ("down", h, i)]
+
+
+def plan(shapes: str, tokens: list[int] | None) -> list[tuple[str, str, int, int, list[int]]]:
+    """(model, proj, m, n, token counts) rows; k and v share a shape, so v is timed once as k/v."""
+    if shapes == "smoke":
+        return [("tiny", "up", 48, 32, tokens or [24]), ("tiny", "down", 32, 48, tokens or [24])]
+    scale, default_tokens = (1, [2048, 4096, 8192, 16384]) if shapes == "llama" else (4, [2048])
+    rows = []
+    for model in MODELS:
+        for proj, m, n in projection_shapes(model, scale):
+            if proj in ("k", "v"):
+                if proj == "v":
+                    continue
+                proj = "k/v"
+            if proj == "up":  # gate and up share the shape
+                continue
+            rows.append((model if scale == 1 else f"{model}/{scale}",
+                         "gate/up" if proj == "gate" else proj, m, n, tokens or default_tokens))
+    return rows
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    def run(fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+    return run
+
+
+def bench_case(m: int, n: int, T: int, keep: float, dtype: torch.dtype, device: torch.device,
+               repeats: int, triton_fn: Callable | None) -> dict[str, float]:
+    """Median seconds of each method for one (m, n, T, keep), methods interleaved per repeat."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rnd(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dtype)
+
+    G, W0 = rnd(T, m), rnd(m, n, std=m ** -0.5)
+    B0, A0 = rnd(m, R0, std=0.1), rnd(R0, n, std=0.1)
+    L, Rm = rnd(T, R, std=0.1), rnd(R, n, std=0.1)
+    k = math.ceil(keep * m)
+    if k < m:
+        perm = torch.randperm(m, generator=g).to(device)
+        sel, comp = perm[:k].sort().values, perm[k:].sort().values
+        approx = (sel, comp, B0, A0)
+    else:  # keep 1.0: the layer is exact (selected=None), as CELoRALinear runs it
+        approx = (None, None, None, None)
+
+    methods = {
+        "dense": lambda: torch.mm(G, W0).addmm_(L, Rm),
+        "torch": lambda: celora_grad_input(G, W0, *approx, L, Rm),
+    }
+    if triton_fn is not None:
+        methods["triton"] = lambda: triton_fn(G, W0, *approx, L, Rm)
+    timed = _timer(device)
+    for fn in methods.values():  # warm-up (and Triton autotuning) outside the timings
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            times[name].append(timed(fn))
+    result = {name: statistics.median(ts) for name, ts in times.items()}
+    result["k"] = k
+    if triton_fn is not None:  # Triton against the reference, relative to max|dX|
+        ref, out = methods["torch"]().float(), methods["triton"]().float()
+        result["triton_err"] = float((out - ref).abs().max() / ref.abs().max())
+    return result
+
+
+def run(args: argparse.Namespace) -> list[dict[str, object]]:
+    """All rows of the table, printed as they are measured."""
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    triton_fn = None
+    # CUDA, or any device under TRITON_INTERPRET=1 (slow; for checking this script on CPU)
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        from celora_dist.kernels.amm_triton import celora_grad_input_triton as triton_fn
+    print("| " + " | ".join(COLUMNS) + " |")
+    print("|" + "---|" * len(COLUMNS))
+    rows = []
+    for model, proj, m, n, token_counts in plan(args.shapes, args.tokens):
+        for T in token_counts:
+            for keep in args.keeps:
+                res = bench_case(m, n, T, keep, dtype, device, args.repeats, triton_fn)
+                k = res["k"]
+                ceiling = m / (k + R0 + R) if k < m else 1.0
+                row = {"model": model, "proj": proj, "m": m, "n": n, "T": T, "keep": keep, "k": k,
+                       "dense_ms": 1e3 * res["dense"], "ceiling": ceiling}
+                for name in METHODS:
+                    row[f"{name}_ms"] = 1e3 * res[name] if name in res else float("nan")
+                    ratio = res["dense"] / res[name] if name in res else float("nan")
+                    row[f"{name}_x"] = ratio
+                    row[f"{name}_%ceil"] = 100 * ratio / ceiling
+                row["triton_err"] = res.get("triton_err", float("nan"))
+                rows.append(row)
+                print("| " + " | ".join(_fmt(c, row[c]) for c in COLUMNS) + " |", flush=True)
+    return rows
+
+
+def _fmt(column: str, v: object) -> str:
+    """Times and errors to 4 significant digits (tiny smoke times too), ratios to 2 decimals."""
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "-"
+        if column.endswith("_ms") or column.endswith("_err"):
+            return f"{v:.4g}"
+        return f"{v:.2f}"
+    return str(v)
+
+
+def _machine(device: str) -> str:
+    """The processor the numbers belong to (GPU name, or /proc/cpuinfo's model name)."""
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} logical CPUs"
+    except OSError:
+        pass
+    return f"cpu, {os.cpu_count()} logical CPUs"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--shapes", choices=("small", "llama"), default=None,
+                   help="small: LLaMA shapes / 4 (CPU default); llama: full shapes (cuda default)")
+    p.add_argument("--tokens", type=int, nargs="+", default=None, help="token counts T (default per --shapes)")
+    p.add_argument("--keeps", type=float, nargs="+", default=list(KEEPS))
+    p.add_argument("--repeats", type=int, default=None, help="default 5 (cpu), 20 (cuda)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's); 1 is steadier on a shared machine")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repeat: checks the script runs")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.shapes, args.repeats = "smoke", args.repeats or 1
+    args.shapes = args.shapes or ("llama" if args.device == "cuda" else "small")
+    args.repeats = args.repeats or (20 if args.device == "cuda" else 5)
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, object]]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"# {_machine(args.device)}")
+    print(f"# device={args.device} dtype={args.dtype} shapes={args.shapes} "
+          f"repeats={args.repeats} r0={R0} r={R} threads={torch.get_num_threads()} torch={torch.__version__}")
+    return run(args)
+
+
+if __name__ == "__main__":
+    main()
