@@ -71,5 +71,5 @@ def test_bench_smoke_triton_columns_under_interpreter():
         row["k"] = int(row["k"])
     # ratios vs printed (rounded) times are checked in-process above; sub-0.1 ms times
     # printed to 2 decimals make that comparison meaningless here
-    _check_rows(bench, rows, ["torch", "triton"], check_ratios=False)
+    _check_rows(bench, rows, ["torch", "triton"], abs_=0.006, check_ratios=False)
     assert all(row["triton_err"] < 1e-5 for row in rows)  # fp32: summation order only
