@@ -50,8 +50,10 @@ def double_lora_factors(weight: Tensor, r0: int, dtype: torch.dtype) -> tuple[Te
     if r0 > 0:
         U, S, Vh = torch.linalg.svd(w, full_matrices=False)
         root = S[:r0].sqrt()
-        B0 = (U[:, :r0] * root).to(dtype)
-        A0 = (root[:, None] * Vh[:r0]).to(dtype)
+        # contiguous: LAPACK hands back column-major factors, and DeepSpeed's parameter
+        # broadcast/partitioning views every parameter as flat bytes.
+        B0 = (U[:, :r0] * root).to(dtype).contiguous()
+        A0 = (root[:, None] * Vh[:r0]).to(dtype).contiguous()
     else:
         B0 = w.new_zeros(m, 0, dtype=dtype)
         A0 = w.new_zeros(0, n, dtype=dtype)
