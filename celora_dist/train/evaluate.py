@@ -1,8 +1,8 @@
 """Held-out evaluation: multiple-choice accuracy and answer-token loss.
 
 A question is answered by the choice whose tokens get the highest total
-log-probability after the prompt (the usual lm-eval "acc"); when every choice is one
-token (letters, yes/no) the forward that measures the answer loss scores them all,
+log-probability after the prompt (lm-eval's "acc"); when every choice is one token
+(letters, yes/no) the forward that measures the answer loss scores them all,
 otherwise one batched forward over prompt + each choice does. Examples are
 sharded over ranks and padded so every rank runs the same number of forwards (ZeRO-3
 gathers parameters collectively inside forward).
@@ -32,23 +32,25 @@ def _score_example(model, tokenizer, record: dict, seq_len: int, device,
                    choice_forward: bool) -> tuple[int, float, int]:
     """(predicted choice or -1, answer-token loss sum, answer-token count).
 
-    Runs one forward, plus exactly one more when ``choice_forward`` (the same count for
-    every record, so ranks stay in step under ZeRO-3).
+    Exactly one forward per record, so ranks stay in step under ZeRO-3.
+    choice_forward=False: prompt + answer + EOS; single-token choices are scored at the
+    first answer position. True: one batch of prompt + each choice (no EOS); the loss is
+    that of the correct choice.
     """
-    ids, start = encode(tokenizer, record["prompt"], record["answer"], seq_len)
-    x = torch.tensor([ids], device=device)
-    logp = F.log_softmax(model(input_ids=x).logits[0, start - 1:-1].float(), dim=-1)
-    target = x[0, start:]
-    nll = float(-logp.gather(1, target[:, None]).sum())
-    pred = -1
     if not choice_forward:
+        ids, start = encode(tokenizer, record["prompt"], record["answer"], seq_len)
+        x = torch.tensor([ids], device=device)
+        logp = F.log_softmax(model(input_ids=x).logits[0, start - 1:-1].float(), dim=-1)
+        target = x[0, start:]
+        nll = float(-logp.gather(1, target[:, None]).sum())
+        pred = -1
         if record["choices"]:
-            first = logp[0]  # every choice is one token: the first answer position scores them all
+            first = logp[0]
             pred = int(torch.stack([first[c[0]] for c in _choice_ids(tokenizer, record["choices"])]).argmax())
         return pred, nll, len(target)
     prompt, s = encode(tokenizer, record["prompt"], "", seq_len, eos=False)
     prompt = prompt[:s]
-    cids = _choice_ids(tokenizer, record["choices"]) or [[]]
+    cids = _choice_ids(tokenizer, record["choices"] or [record["answer"]])
     seqs = [(prompt + c)[-seq_len:] for c in cids]
     width = max(len(q) for q in seqs)
     batch = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
@@ -57,13 +59,13 @@ def _score_example(model, tokenizer, record: dict, seq_len: int, device,
         batch[i, :len(q)] = torch.tensor(q)
         mask[i, :len(q)] = 1
     lp = F.log_softmax(model(input_ids=batch, attention_mask=mask).logits.float(), dim=-1)
-    if record["choices"]:
-        scores = []
-        for i, (q, c) in enumerate(zip(seqs, cids)):
-            pos = torch.arange(len(q) - len(c), len(q), device=device)
-            scores.append(lp[i, pos - 1, batch[i, pos]].sum())
-        pred = int(torch.stack(scores).argmax())
-    return pred, nll, len(target)
+    scores = []
+    for i, (q, c) in enumerate(zip(seqs, cids)):
+        pos = torch.arange(len(q) - len(c), len(q), device=device)
+        scores.append(lp[i, pos - 1, batch[i, pos]].sum())
+    gold = record["label"] if record["choices"] else 0
+    pred = int(torch.stack(scores).argmax()) if record["choices"] else -1
+    return pred, float(-scores[gold]), len(cids[gold])
 
 
 def evaluate(model, tokenizer, records: list[dict], seq_len: int, device) -> dict[str, float]:

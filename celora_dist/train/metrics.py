@@ -20,7 +20,7 @@ def peak_memory_mb() -> float:
 
 
 class Metrics:
-    def __init__(self, output_dir: Path, total_steps: int, start_step: int, is_main: bool):
+    def __init__(self, output_dir: Path, total_steps: int, start_step: int, is_main: bool, resumed: bool):
         self.is_main = is_main
         self.path = output_dir / "metrics.jsonl"
         self.bar = None
@@ -28,6 +28,8 @@ class Metrics:
             from tqdm.auto import tqdm
 
             output_dir.mkdir(parents=True, exist_ok=True)
+            if not resumed and self.path.exists():
+                self.path.unlink()  # a fresh run starts a fresh log; a resumed one appends
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                             file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
         self.t0 = time.perf_counter()
