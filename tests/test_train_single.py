@@ -84,8 +84,8 @@ def clean_env():
 def _bad_inputs(assets, tmp):
     model, mc = str(assets["model"]), str(assets["mc"])
     broken = tmp / "broken.jsonl"
-    lines = mc_lines = assets["mc"].read_text().splitlines()[:5]
-    broken.write_text("\n".join(lines[:2] + ['{"question": "red cat", "options": "A. x\\nB. y",'] + mc_lines[3:]) + "\n")
+    lines = assets["mc"].read_text().splitlines()[:5]
+    broken.write_text("\n".join(lines[:2] + ['{"question": "red cat", "options": "A. x\\nB. y",'] + lines[3:]) + "\n")
     wrong_answer = tmp / "wrong.jsonl"
     wrong_answer.write_text(json.dumps({"question": "q", "options": "A. x\nB. y", "answer": "C. z"}) + "\n")
     unknown_key = tmp / "unknown_key.json"
@@ -108,7 +108,7 @@ def _bad_inputs(assets, tmp):
         ("unknown target", base + ["--keep", "foo_proj=0.5"], r"target module\(s\) \['foo_proj'\] are not in"),
         ("unknown ds key", base + ["--deepspeed_config", str(unknown_key)], r"unknown key\(s\) \['zero_optimisation'\]"),
         ("unknown zero key", base + ["--deepspeed_config", str(unknown_zero)], r"unknown zero_optimization key\(s\) \['overlap_comms'\]"),
-        ("batch mismatch", base + ["--deepspeed_config", str(mismatch), "--micro-batch", "4"],
+        ("batch mismatch", base + ["--deepspeed_config", str(mismatch), "--micro-batch", "4", "--grad-accum", "1"],
          r"batch-size mismatch: .*train_batch_size = 12, but micro-batch 4 x grad-accum 1 x 1"),
         ("micro-batch clash", base + ["--deepspeed_config", str(mb_clash), "--micro-batch", "4"],
          r"batch-size mismatch: --micro-batch 4 but .* train_micro_batch_size_per_gpu = 2"),

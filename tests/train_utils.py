@@ -65,7 +65,7 @@ def make_assets(root: Path) -> dict[str, Path]:
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=False, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                      tie_word_embeddings=False, initializer_range=0.2, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id)
     LlamaForCausalLM(cfg).save_pretrained(model_dir)
     mc = root / "mc.jsonl"
@@ -77,7 +77,7 @@ def make_assets(root: Path) -> dict[str, Path]:
 
 # Small CE-LoRA shapes for the tiny model (v_proj has 32 outputs: r0 must stay below that).
 TINY_FLAGS = ["--r", "4", "--alpha", "8", "--r0", "4", "--seq-len", "64", "--lr", "3e-3",
-              "--lr-schedule", "constant", "--max-grad-norm", "0"]
+              "--lr-schedule", "constant", "--max-grad-norm", "0", "--mc-format", "letter"]
 
 
 def free_port() -> int:
