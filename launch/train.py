@@ -40,6 +40,11 @@ def main(argv: list[str] | None = None) -> dict:
     ds_config = E.resolve_ds_config(args.deepspeed_config, args, world)
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     is_main = int(os.environ.get("RANK", "0")) == 0
+    run_info = {"world_size": world, "zero_stage": zero_stage, "dtype": args.dtype, "method": args.method}
+    if args.resume:
+        from celora_dist.train.checkpoint import check_compatible
+
+        check_compatible(args.resume_dir, args.resume_tag, run_info)
     if args.embedded:
         from celora_dist.train import embedded
 
@@ -98,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     step = 0
     if args.resume:
         client = C.load(engine, args.resume_dir, args.resume_tag)
+        E.sync_lr_after_resume(scheduler)
         step = client["step"]
         batches.load_state(client["data"])
     else:
@@ -125,10 +131,11 @@ def main(argv: list[str] | None = None) -> dict:
     engine.train()
     t_start = time.perf_counter()
     losses = []
-    for group in batches:
-        if step >= total_steps:
-            break
+    step_batches = iter(batches)
+    while step < total_steps:
+        group = next(step_batches)  # grad-accum micro-batches of this optimizer step
         t0 = time.perf_counter()
+        lr = scheduler.get_last_lr()[0]
         loss_sum, tokens = 0.0, 0
         for micro in group:
             micro = {k: v.to(device) for k, v in micro.items()}
@@ -143,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         stats = torch.tensor([loss_sum / len(group), float(tokens)], dtype=torch.float64)
         dist.all_reduce(stats)
         step_time = time.perf_counter() - t0
-        record = {"step": step, "loss": stats[0].item() / world, "lr": scheduler.get_last_lr()[0],
+        record = {"step": step, "loss": stats[0].item() / world, "lr": lr,
                   "grad_norm": _float(engine.get_global_grad_norm()), "tokens": int(stats[1].item()),
                   "tokens_per_s": stats[1].item() / step_time, "step_time_s": step_time,
                   "peak_mem_mb": peak_memory_mb()}
@@ -155,14 +162,14 @@ def main(argv: list[str] | None = None) -> dict:
         step += 1
         metrics.step(record, write=bool(errors) or step % args.log_every == 0 or step == total_steps)
         if args.save_every and step % args.save_every == 0 and step < total_steps:
-            C.save(engine, ckpt_dir, step, {"step": step, "data": batches.state()})
+            C.save(engine, ckpt_dir, step, {"step": step, "data": batches.state()}, run_info)
         if args.eval_every and step % args.eval_every == 0 and step < total_steps and eval_records:
             run_eval(f"step {step}")
     train_time = time.perf_counter() - t_start
     metrics.close()
 
     # ---- 6. final checkpoint, PEFT adapter, held-out evaluation, summary ------------------
-    C.save(engine, ckpt_dir, step, {"step": step, "data": batches.state()})
+    C.save(engine, ckpt_dir, step, {"step": step, "data": batches.state()}, run_info)
     celora_dist.save_adapter(engine.module, output_dir / "adapter", base_model=str(model_dir))
     if args.dump_celora_state:
         dump = output_dir / "celora_state"

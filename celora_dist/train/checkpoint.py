@@ -49,6 +49,24 @@ def find_checkpoint(path: str) -> tuple[Path, str]:
     raise UsageError(f"--resume {path}: no checkpoint there (no '{LATEST}' file in it or in its checkpoints/)")
 
 
+RUN_INFO = "run_info.json"
+
+
+def check_compatible(ckpt_dir: Path, tag: str, run: dict[str, Any]) -> None:
+    """Refuse to resume across a change DeepSpeed cannot load (ranks, ZeRO stage, dtype, method)."""
+    import json
+
+    info_file = ckpt_dir / tag / RUN_INFO
+    if not info_file.is_file():
+        return
+    saved = json.loads(info_file.read_text())
+    diff = {k: (saved[k], run[k]) for k in run if k in saved and saved[k] != run[k]}
+    if diff:
+        detail = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items())
+        raise UsageError(f"--resume {ckpt_dir / tag}: saved by a different set-up ({detail}); "
+                         f"resume with the same ranks, ZeRO stage, dtype and method")
+
+
 def _rng_state() -> dict[str, Any]:
     import numpy as np
     import torch
@@ -79,15 +97,21 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any]) -> str:
-    """Save everything for ``step`` on every rank (collective), then commit the tag on rank 0."""
+def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], run: dict[str, Any]) -> str:
+    """Save everything for ``step`` on every rank (collective), then commit the tag on rank 0.
+
+    ``run``: the set-up a resume must match (see :func:`check_compatible`)."""
+    import json
+
     import torch
     import torch.distributed as dist
 
     from ..selection import celora_state_dict
 
     tag = tag_for(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    # Frozen weights (W0, B0, A0: rebuilt from the base model at start) are not saved.
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False,
+                           exclude_frozen_parameters=True)
     rank = dist.get_rank()
     tag_dir = ckpt_dir / tag
     buf = _serialize({"celora": celora_state_dict(engine.module), "rng": _rng_state(), "step": step})
@@ -98,6 +122,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any]) -> str
         os._exit(17)
     dist.barrier()
     if rank == 0:
+        _atomic_write(tag_dir / RUN_INFO, json.dumps(run).encode())
         _atomic_write(tag_dir / COMPLETE, b"")
         _atomic_write(ckpt_dir / LATEST, tag.encode())
     dist.barrier()
@@ -126,7 +151,7 @@ def load(engine, ckpt_dir: Path, tag: str) -> dict[str, Any]:
     if not rank_file.is_file():
         raise UsageError(f"--resume: {ckpt_dir / tag} has no state for rank {rank} "
                          f"(was it saved with a different number of ranks?)")
-    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False)
     if path is None:
         raise UsageError(f"--resume: DeepSpeed could not load {ckpt_dir / tag}")
     mine = torch.load(rank_file, map_location="cpu", weights_only=False)

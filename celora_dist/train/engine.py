@@ -157,23 +157,31 @@ def init_distributed() -> None:
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
-    """Multiplier of the base lr at optimizer step ``step`` (a picklable callable)."""
-    return _LrLambda(schedule, warmup, total)
+    """Multiplier of the base lr at optimizer step ``step``.
 
+    A plain closure on purpose: LambdaLR checkpoints the attributes of callable objects,
+    which would pin a resumed run to the old --max-steps.
+    """
+    total = max(total, 1)
 
-class _LrLambda:
-    def __init__(self, schedule: str, warmup: int, total: int):
-        self.schedule, self.warmup, self.total = schedule, warmup, max(total, 1)
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / (self.warmup + 1)
-        if self.schedule == "constant":
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant":
             return 1.0
-        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
-        if self.schedule == "linear":
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "linear":
             return 1.0 - progress
         return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def sync_lr_after_resume(scheduler) -> None:
+    """Set the lr of the restored step from this run's schedule (--max-steps may have changed)."""
+    for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 def build_engine(model, ds_config: dict, args, total_steps: int):
