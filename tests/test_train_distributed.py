@@ -7,7 +7,8 @@ One launch per configuration, shared by several assertions:
 - ZeRO-3, index sync on: loss falls, both ranks hold identical indices, and they are the
   indices a single process selects from the same global batches (the meaning of the sync);
   losses equal the single-process run's.
-- ZeRO-3, --method lora (CE-LoRA's exact mode): losses equal a single-process LoRA run.
+- ZeRO-3, CE-LoRA in exact mode (keep = 1 everywhere): losses and adapter equal a
+  single-process ``--method lora`` run.
 - The embedded default (SmolLM2-135M on PIQA) end to end with 3 steps; prints accuracy.
 """
 from __future__ import annotations
@@ -117,9 +118,11 @@ def test_zero3_synced_indices_identical_and_match_single_process(zero3_sync, sin
 
 
 def test_zero3_exact_mode_equals_single_process_lora(assets, single_lora, tmp_path):
-    out = tmp_path / "z3_lora"
+    """CE-LoRA with keep = 1 everywhere, 2 ranks under ZeRO-3 == --method lora in one process."""
+    out = tmp_path / "z3_exact"
     proc = run_train(["--model", str(assets["model"]), "--data", str(assets["alpaca"]), *TINY_FLAGS,
-                      "--method", "lora", "--micro-batch", "4", "--max-steps", "20",
+                      "--method", "celora", "--keep", "v_proj=1,o_proj=1,up_proj=1,down_proj=1",
+                      "--micro-batch", "4", "--max-steps", "20",
                       "--deepspeed_config", "ds_configs/zero3.json", "--output-dir", str(out)], nproc=2)
     assert proc.returncode == 0, show(proc)
     ref = train_losses(single_lora[0])

@@ -141,3 +141,22 @@ def test_bad_input_exits_with_message(assets, tmp_path):
     assert proc.returncode == 2, show(proc)
     assert "error: " in proc.stderr and "broken.jsonl: line 2: malformed JSON" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_exact_mode_is_the_lora_method():
+    """--method lora and CE-LoRA with keep = 1 everywhere build the same configuration (so the
+    ZeRO-3 LoRA run of test_train_distributed also covers CE-LoRA's exact mode)."""
+    from celora_dist.train.cli import build_parser, celora_config_from_args
+
+    def cfg(argv):
+        return celora_config_from_args(build_parser().parse_args(argv)).to_dict()
+
+    exact = cfg(["--keep", "v_proj=1,o_proj=1,up_proj=1,down_proj=1"])
+    lora = cfg(["--method", "lora"])
+    assert exact["keep"] == lora["keep"] == {}
+    assert sorted(exact["exact"]) == sorted(lora["exact"]) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert {k: v for k, v in exact.items() if k != "exact"} == {k: v for k, v in lora.items() if k != "exact"}
+    partial = cfg(["--keep", "v_proj=0.3,q_proj=0.9", "--refresh-every", "7", "--no-sync-indices"])
+    assert partial["keep"]["v_proj"] == 0.3 and partial["keep"]["q_proj"] == 0.9 and "q_proj" not in partial["exact"]
+    assert partial["refresh_every"] == 7 and partial["sync_indices"] is False
