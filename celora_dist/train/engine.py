@@ -133,12 +133,16 @@ def _free_port() -> int:
 
 def setup_environment() -> None:
     """Single-process runs: fill the env:// variables so DeepSpeed can start a world of one.
-    No GPU: select DeepSpeed's CPU accelerator (gloo)."""
-    if "DS_ACCELERATOR" not in os.environ:
-        import torch
+    No GPU: select DeepSpeed's CPU accelerator (gloo) and give each local rank its share of
+    the cores unless OMP_NUM_THREADS says otherwise."""
+    import torch
 
-        if not torch.cuda.is_available():
-            os.environ["DS_ACCELERATOR"] = "cpu"
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    if os.environ.get("DS_ACCELERATOR") == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # Several ranks on one CPU: split the cores instead of every rank spinning on all of them.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_SIZE", "1"))))
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
