@@ -193,8 +193,6 @@ def build_engine(model, ds_config: dict, args, total_steps: int):
     import deepspeed
     import torch
 
-    from ..layer import CELoRALinear
-
     if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
         register_zero3_params(model)
     params = [p for p in model.parameters() if p.requires_grad]
