@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from .train_utils import TINY_FLAGS, make_assets, run_train, show
+
 
 class OneLinear(nn.Module):
     """A module with one linear called ``proj`` — the unit PEFT and we both wrap."""
@@ -44,3 +46,32 @@ def tiny_llama(seed: int = 0, **overrides):
 @pytest.fixture
 def llama():
     return tiny_llama()
+
+
+# ---- trainer tests (tests/test_train_*.py): shared assets and single-process reference runs ----
+
+@pytest.fixture(scope="package")
+def assets(tmp_path_factory):
+    return make_assets(tmp_path_factory.mktemp("train_assets"))
+
+
+@pytest.fixture(scope="package")
+def single_celora(assets, tmp_path_factory):
+    """CE-LoRA, mc data, micro-batch 8 on one rank: also the reference of the 2-rank runs
+    (same global batches as micro-batch 4 x 2 ranks)."""
+    out = tmp_path_factory.mktemp("single_celora")
+    proc = run_train(["--model", str(assets["model"]), "--data", str(assets["mc"]), *TINY_FLAGS,
+                      "--max-steps", "20", "--refresh-every", "4", "--micro-batch", "8",
+                      "--output-dir", str(out), "--dump-celora-state"])
+    assert proc.returncode == 0, show(proc)
+    return out, proc
+
+
+@pytest.fixture(scope="package")
+def single_lora(assets, tmp_path_factory):
+    """--method lora on the alpaca file, micro-batch 8 (reference of the 2-rank ZeRO-3 LoRA run)."""
+    out = tmp_path_factory.mktemp("single_lora")
+    proc = run_train(["--model", str(assets["model"]), "--data", str(assets["alpaca"]), *TINY_FLAGS,
+                      "--method", "lora", "--max-steps", "20", "--micro-batch", "8", "--output-dir", str(out)])
+    assert proc.returncode == 0, show(proc)
+    return out, proc

@@ -1,0 +1,160 @@
+"""Checkpoints: DeepSpeed's engine state + the CE-LoRA schedule + data position + RNG.
+
+Layout under ``OUTPUT/checkpoints``::
+
+    step000010/            DeepSpeed's files (model states, ZeRO partitions, optimizer, scheduler)
+    step000010/trainer_rank<R>.pt   per rank: CE-LoRA step counters + selected indices, RNG states
+    step000010/COMPLETE    written last, after every rank finished
+    latest                 the newest COMPLETE tag, replaced atomically (tmp file + rename)
+
+A crash anywhere before ``latest`` is replaced leaves the previous tag as the one
+``--resume`` loads. (DeepSpeed's own ``latest`` is written in place, so the trainer
+saves with ``save_latest=False`` and commits the tag itself.)
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+from .cli import UsageError
+
+LATEST = "latest"
+COMPLETE = "COMPLETE"
+# Fault injection for the tests: die after writing step N's files, before committing it.
+CRASH_ENV = "CELORA_TEST_CRASH_AT_SAVE"
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:06d}"
+
+
+def _rank_file(tag_dir: Path, rank: int) -> Path:
+    return tag_dir / f"trainer_rank{rank}.pt"
+
+
+def find_checkpoint(path: str) -> tuple[Path, str]:
+    """(checkpoint dir, tag) for --resume: accepts the checkpoints folder or an output dir."""
+    root = Path(path)
+    if not root.is_dir():
+        raise UsageError(f"--resume {path}: no such folder")
+    for cand in (root, root / "checkpoints"):
+        latest = cand / LATEST
+        if latest.is_file():
+            tag = latest.read_text().strip()
+            if not (cand / tag / COMPLETE).is_file():
+                raise UsageError(f"--resume {path}: {latest} names {tag!r}, which is not a complete checkpoint")
+            return cand, tag
+    raise UsageError(f"--resume {path}: no checkpoint there (no '{LATEST}' file in it or in its checkpoints/)")
+
+
+RUN_INFO = "run_info.json"
+
+
+def check_compatible(ckpt_dir: Path, tag: str, run: dict[str, Any]) -> None:
+    """Refuse to resume across a change DeepSpeed cannot load (ranks, ZeRO stage, dtype, method)."""
+    import json
+
+    info_file = ckpt_dir / tag / RUN_INFO
+    if not info_file.is_file():
+        return
+    saved = json.loads(info_file.read_text())
+    diff = {k: (saved[k], run[k]) for k in run if k in saved and saved[k] != run[k]}
+    if diff:
+        detail = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items())
+        raise UsageError(f"--resume {ckpt_dir / tag}: saved by a different set-up ({detail}); "
+                         f"resume with the same ranks, ZeRO stage, dtype and method")
+
+
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], run: dict[str, Any]) -> str:
+    """Save everything for ``step`` on every rank (collective), then commit the tag on rank 0.
+
+    ``run``: the set-up a resume must match (see :func:`check_compatible`)."""
+    import json
+
+    import torch
+    import torch.distributed as dist
+
+    from ..selection import celora_state_dict
+
+    tag = tag_for(step)
+    # Frozen weights (W0, B0, A0: rebuilt from the base model at start) are not saved.
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False,
+                           exclude_frozen_parameters=True)
+    rank = dist.get_rank()
+    tag_dir = ckpt_dir / tag
+    buf = _serialize({"celora": celora_state_dict(engine.module), "rng": _rng_state(), "step": step})
+    _atomic_write(_rank_file(tag_dir, rank), buf)
+    if os.environ.get(CRASH_ENV) == str(step):
+        dist.barrier()
+        print(f"{CRASH_ENV}={step}: simulating a crash before the checkpoint is committed", flush=True)
+        os._exit(17)
+    dist.barrier()
+    if rank == 0:
+        _atomic_write(tag_dir / RUN_INFO, json.dumps(run).encode())
+        _atomic_write(tag_dir / COMPLETE, b"")
+        _atomic_write(ckpt_dir / LATEST, tag.encode())
+    dist.barrier()
+    return tag
+
+
+def _serialize(obj) -> bytes:
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def load(engine, ckpt_dir: Path, tag: str) -> dict[str, Any]:
+    """Restore engine, CE-LoRA schedule and RNG; returns DeepSpeed's client_state."""
+    import torch
+    import torch.distributed as dist
+
+    from ..selection import load_celora_state_dict
+
+    rank = dist.get_rank()
+    rank_file = _rank_file(ckpt_dir / tag, rank)
+    if not rank_file.is_file():
+        raise UsageError(f"--resume: {ckpt_dir / tag} has no state for rank {rank} "
+                         f"(was it saved with a different number of ranks?)")
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False)
+    if path is None:
+        raise UsageError(f"--resume: DeepSpeed could not load {ckpt_dir / tag}")
+    mine = torch.load(rank_file, map_location="cpu", weights_only=False)
+    load_celora_state_dict(engine.module, mine["celora"])
+    _set_rng_state(mine["rng"])
+    return client_state

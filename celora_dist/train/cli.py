@@ -1,0 +1,206 @@
+"""Command-line flags of ``launch/train.py`` and the checks that need no model or data.
+
+Everything here runs before torch.distributed, the model or the data are touched, so
+a typo costs seconds, not a launch. Errors are :class:`UsageError` with a message
+naming the flag or file at fault.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..config import CELoRAConfig
+
+METHODS = ("celora", "lora")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+DTYPES = ("fp32", "bf16")
+
+
+class UsageError(ValueError):
+    """Bad input from the user: printed as ``error: ...`` and exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="launch/train.py",
+        description="Fine-tune a causal LM with CE-LoRA (or LoRA) through DeepSpeed. "
+                    "With no --model/--data: SmolLM2-135M-Instruct on PIQA, then held-out accuracy.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=None, help="HF model folder (default: embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--data", default=None,
+                   help="training file: alpaca JSON/JSONL {instruction,input,output} or a multiple-choice "
+                        "JSONL (BoolQ/PIQA/SIQA/OBQA/CSQA shapes) (default: embedded PIQA)")
+    g.add_argument("--eval-data", default=None,
+                   help="held-out file (default: a fixed held-out split of --data)")
+    g.add_argument("--eval-fraction", type=float, default=0.1,
+                   help="share of --data held out for evaluation when --eval-data is not given")
+    g.add_argument("--eval-samples", type=int, default=None, help="evaluate on at most this many held-out examples")
+    g.add_argument("--mc-format", choices=("text", "letter"), default="text",
+                   help="multiple choice: answer with the option text (scored per option) or its letter")
+    g.add_argument("--seq-len", type=int, default=256, help="max tokens per example (prompt truncated from the left)")
+
+    g = p.add_argument_group("method")
+    g.add_argument("--method", choices=METHODS, default="celora",
+                   help="celora, or lora = the same code path with every target exact (keep = 1)")
+    g.add_argument("--celora-config", default=None, help="YAML/JSON file with CELoRAConfig fields")
+    g.add_argument("--r", type=int, default=None, help="trainable LoRA rank")
+    g.add_argument("--alpha", type=float, default=None, help="LoRA alpha")
+    g.add_argument("--r0", type=int, default=None, help="rank of the frozen SVD factors B0, A0")
+    g.add_argument("--keep", default=None,
+                   help="kept fractions per module, e.g. v_proj=0.55,o_proj=0.55 (1 makes a module exact)")
+    g.add_argument("--refresh-every", type=int, default=None, help="optimizer steps between index refreshes")
+    g.add_argument("--no-sync-indices", action="store_true", help="each DP rank selects indices from its own G")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: 1 epoch; 40 for the embedded default)")
+    g.add_argument("--epochs", type=float, default=None, help="epochs over --data (alternative to --max-steps)")
+    g.add_argument("--lr", type=float, default=2e-4)
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine")
+    g.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--micro-batch", type=int, default=None, help="examples per rank per micro-step (default 4)")
+    g.add_argument("--grad-accum", type=int, default=None, help="micro-steps per optimizer step (default 1)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
+    g.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 if the DeepSpeed config enables it, else fp32")
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--seed", type=int, default=0)
+
+    g = p.add_argument_group("run")
+    g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
+                   help="DeepSpeed JSON config (default: ds_configs/zero2.json)")
+    g.add_argument("--output-dir", default="runs/celora", help="metrics.jsonl, checkpoints/, adapter/")
+    g.add_argument("--resume", default=None, help="checkpoint folder (or an output dir) to continue from")
+    g.add_argument("--save-every", type=int, default=0, help="save a checkpoint every N steps (0 = only at the end)")
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0 = only at the end)")
+    g.add_argument("--log-every", type=int, default=1, help="write metrics.jsonl every N steps")
+    g.add_argument("--zero-shot", action=argparse.BooleanOptionalAction, default=None,
+                   help="also evaluate before training (default: on for the embedded default)")
+    g.add_argument("--no-final-eval", action="store_true", help="skip the held-out evaluation at the end")
+    g.add_argument("--dump-celora-state", action="store_true",
+                   help="write each rank's selected indices to OUTPUT/celora_state/rank<R>.pt at the end")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    return p
+
+
+def _parse_keep(text: str) -> dict[str, float]:
+    keep = {}
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"--keep: expected MODULE=FRACTION items like v_proj=0.55, got {item!r}")
+        try:
+            frac = float(value)
+        except ValueError:
+            raise UsageError(f"--keep {name.strip()}: {value!r} is not a number") from None
+        if not (0.0 < frac <= 1.0):
+            raise UsageError(f"--keep {name.strip()}={value}: keep must be in (0, 1] (the share of output "
+                             f"features kept; 1 = exact)")
+        keep[name.strip()] = frac
+    if not keep:
+        raise UsageError("--keep is empty")
+    return keep
+
+
+def _load_mapping(path: str, what: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"{what}: no such file {path}")
+    text = file.read_text()
+    try:
+        if file.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{what} {path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except Exception as e:  # yaml.YAMLError and friends
+        raise UsageError(f"{what} {path}: cannot parse: {e}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{what} {path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def celora_config_from_args(args: argparse.Namespace) -> CELoRAConfig:
+    """CELoRAConfig from --celora-config, then the CLI overrides, then --method."""
+    base = CELoRAConfig().to_dict()
+    if args.celora_config:
+        base.update(_load_mapping(args.celora_config, "--celora-config"))
+    for flag, key in (("r", "r"), ("alpha", "alpha"), ("r0", "r0"), ("refresh_every", "refresh_every")):
+        if getattr(args, flag) is not None:
+            base[key] = getattr(args, flag)
+    if args.no_sync_indices:
+        base["sync_indices"] = False
+    keep = dict(base.get("keep", {}))
+    exact = list(base.get("exact", []))
+    if args.keep:
+        for name, frac in _parse_keep(args.keep).items():
+            keep.pop(name, None)
+            if name in exact:
+                exact.remove(name)
+            if frac >= 1.0:
+                exact.append(name)
+            else:
+                keep[name] = frac
+    if args.method == "lora":  # same layers, every one exact: plain LoRA through the same code
+        exact = exact + [n for n in keep if n not in exact]
+        keep = {}
+    base["keep"], base["exact"] = keep, exact
+    try:
+        return CELoRAConfig.from_dict(base)
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check the flags; fills ``args.celora`` (CELoRAConfig) and ``args.embedded``."""
+    args = build_parser().parse_args(argv)
+    for flag in ("micro_batch", "grad_accum", "max_steps", "seq_len", "r", "r0", "refresh_every"):
+        value = getattr(args, flag)
+        if value is not None and value < (0 if flag == "r0" else 1):
+            raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    if args.max_steps is not None and args.epochs is not None:
+        raise UsageError("give --max-steps or --epochs, not both")
+    if args.epochs is not None and args.epochs <= 0:
+        raise UsageError(f"--epochs must be positive, got {args.epochs}")
+    if not (0.0 < args.eval_fraction < 1.0):
+        raise UsageError(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
+    if args.lr <= 0:
+        raise UsageError(f"--lr must be positive, got {args.lr}")
+    if (args.model is None) != (args.data is None):
+        raise UsageError("give both --model and --data, or neither (the embedded default: SmolLM2-135M on PIQA)")
+    args.embedded = args.model is None
+    if args.model is not None:
+        model = Path(args.model)
+        if not (model / "config.json").is_file():
+            raise UsageError(f"--model {args.model}: not a Hugging Face model folder (no config.json there)"
+                             if model.exists() else f"--model {args.model}: no such folder")
+    for flag in ("data", "eval_data"):
+        path = getattr(args, flag)
+        if path is not None and not Path(path).is_file():
+            raise UsageError(f"--{flag.replace('_', '-')} {path}: no such file")
+    if args.deepspeed_config is None:
+        args.deepspeed_config = str(Path(__file__).resolve().parents[2] / "ds_configs" / "zero2.json")
+        if not Path(args.deepspeed_config).is_file():
+            raise UsageError("no --deepspeed_config given and ds_configs/zero2.json is not next to the package")
+    args.celora = celora_config_from_args(args)
+    if args.zero_shot is None:
+        args.zero_shot = args.embedded
+    if args.resume is not None:
+        from .checkpoint import find_checkpoint
+
+        args.resume_dir, args.resume_tag = find_checkpoint(args.resume)
+    return args
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))

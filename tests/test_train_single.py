@@ -1,0 +1,162 @@
+"""launch/train.py as one process (the debug mode): CE-LoRA and LoRA train through the same
+DeepSpeed code path, the exported adapter works in PEFT, and bad input fails fast."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from .train_utils import REPO, TINY_FLAGS, read_metrics, run_train, show, train_losses
+
+
+def _loss_falls(losses: list[float]) -> None:
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.8 * first, f"loss did not fall: first five {losses[:5]}, last five {losses[-5:]}"
+
+
+def test_single_process_celora_loss_falls(single_celora):
+    out, proc = single_celora
+    losses = train_losses(out)
+    assert len(losses) == 20
+    _loss_falls(losses)
+    records = read_metrics(out)
+    for key in ("lr", "grad_norm", "tokens_per_s", "step_time_s", "peak_mem_mb"):
+        assert all(key in r for r in records if "eval" not in r), key
+    # Refresh steps 4, 8, ... measure the true dX error of the approximate layers.
+    errors = [r["grad_rel_error"] for r in records if "grad_rel_error" in r]
+    assert [r["step"] for r in records if "grad_rel_error" in r] == [4, 8, 12, 16]
+    assert all(0.0 < e < 1.5 for step in errors for e in step.values())
+    assert any(name.endswith("v_proj") for name in errors[0])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "celora" and summary["steps"] == 20 and 0.0 <= summary["accuracy"] <= 1.0
+    assert "summary: 20 steps" in proc.stdout
+
+
+def test_single_process_lora_same_path_and_peft_adapter(assets, single_lora, single_celora):
+    out, _ = single_lora
+    _loss_falls(train_losses(out))
+    assert not any("grad_rel_error" in r for r in read_metrics(out))  # every layer exact
+    # Same code path and export: the same adapter tensors, PEFT config differing only in nothing.
+    from safetensors.torch import load_file
+
+    lora = load_file(out / "adapter" / "adapter_model.safetensors")
+    celora = load_file(single_celora[0] / "adapter" / "adapter_model.safetensors")
+    assert lora.keys() == celora.keys() and all(lora[k].shape == celora[k].shape for k in lora)
+
+    # Independent check with PEFT: the exported adapter lowers the base model's loss.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from celora_dist.train.data import collate, read_records, tokenize
+
+    tok = AutoTokenizer.from_pretrained(assets["model"])
+    batch = collate(tokenize(read_records(assets["alpaca"])[:32], tok, 64).to_list(), tok.pad_token_id)
+    base = AutoModelForCausalLM.from_pretrained(assets["model"]).eval()
+    with torch.no_grad():
+        base_loss = float(base(**batch).loss)
+        tuned = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+        tuned_loss = float(tuned(**batch).loss)
+    assert tuned_loss < 0.8 * base_loss, (base_loss, tuned_loss)
+
+
+# ---- bad input fails fast, with a message naming the culprit -----------------------------------
+
+def _load_train_module():
+    spec = importlib.util.spec_from_file_location("celora_train_launch", REPO / "launch" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def clean_env():
+    saved = dict(os.environ)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _bad_inputs(assets, tmp):
+    model, mc = str(assets["model"]), str(assets["mc"])
+    broken = tmp / "broken.jsonl"
+    lines = assets["mc"].read_text().splitlines()[:5]
+    broken.write_text("\n".join(lines[:2] + ['{"question": "red cat", "options": "A. x\\nB. y",'] + lines[3:]) + "\n")
+    wrong_answer = tmp / "wrong.jsonl"
+    wrong_answer.write_text(json.dumps({"question": "q", "options": "A. x\nB. y", "answer": "C. z"}) + "\n")
+    unknown_key = tmp / "unknown_key.json"
+    unknown_key.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "zero_optimisation": {"stage": 2}}))
+    unknown_zero = tmp / "unknown_zero.json"
+    unknown_zero.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comms": True}}))
+    mismatch = tmp / "mismatch.json"
+    mismatch.write_text(json.dumps({"train_batch_size": 12, "zero_optimization": {"stage": 2}}))
+    mb_clash = tmp / "mb_clash.json"
+    mb_clash.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}}))
+    empty_dir = tmp / "no_ckpt"
+    empty_dir.mkdir(exist_ok=True)
+    base = ["--model", model, "--data", mc, *TINY_FLAGS, "--max-steps", "2", "--output-dir", str(tmp / "out")]
+    return [
+        ("missing data", ["--model", model, "--data", str(tmp / "nope.jsonl")], r"--data .*nope\.jsonl: no such file"),
+        ("malformed data", ["--model", model, "--data", str(broken)], r"broken\.jsonl: line 3: malformed JSON"),
+        ("bad answer", ["--model", model, "--data", str(wrong_answer)], r"wrong\.jsonl: line 1: answer 'C. z'"),
+        ("unknown model", ["--model", str(tmp / "no-model"), "--data", mc], r"--model .*no-model: no such folder"),
+        ("not a model", ["--model", str(tmp), "--data", mc], r"not a Hugging Face model folder"),
+        ("unknown target", base + ["--keep", "foo_proj=0.5"], r"target module\(s\) \['foo_proj'\] are not in"),
+        ("unknown ds key", base + ["--deepspeed_config", str(unknown_key)], r"unknown key\(s\) \['zero_optimisation'\]"),
+        ("unknown zero key", base + ["--deepspeed_config", str(unknown_zero)], r"unknown zero_optimization key\(s\) \['overlap_comms'\]"),
+        ("batch mismatch", base + ["--deepspeed_config", str(mismatch), "--micro-batch", "4", "--grad-accum", "1"],
+         r"batch-size mismatch: .*train_batch_size = 12, but micro-batch 4 x grad-accum 1 x 1"),
+        ("micro-batch clash", base + ["--deepspeed_config", str(mb_clash), "--micro-batch", "4"],
+         r"batch-size mismatch: --micro-batch 4 but .* train_micro_batch_size_per_gpu = 2"),
+        ("resume without checkpoint", base + ["--resume", str(empty_dir)], r"--resume .*no_ckpt: no checkpoint there"),
+        ("keep above 1", base + ["--keep", "v_proj=1.5"], r"--keep v_proj=1.5: keep must be in \(0, 1\]"),
+        ("keep zero", base + ["--keep", "o_proj=0"], r"--keep o_proj=0: keep must be in \(0, 1\]"),
+    ]
+
+
+def test_bad_inputs_fail_fast_in_process(assets, tmp_path, clean_env):
+    """Every bad input raises UsageError naming it before torch.distributed or the model start."""
+    import torch.distributed as dist
+
+    from celora_dist.train.cli import UsageError
+
+    train = _load_train_module()
+    for name, argv, pattern in _bad_inputs(assets, tmp_path):
+        with pytest.raises(UsageError, match=pattern):
+            train.main(argv)
+        assert not dist.is_initialized(), name
+        assert not (tmp_path / "out").exists(), f"{name}: work started before the error"
+
+
+def test_bad_input_exits_with_message(assets, tmp_path):
+    """As a real process: exit status 2 and 'error: ...' on stderr, no traceback."""
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(assets["mc"].read_text().splitlines()[0] + "\n{not json\n")
+    proc = run_train(["--model", str(assets["model"]), "--data", str(broken), "--output-dir", str(tmp_path / "out")],
+                     timeout=120)
+    assert proc.returncode == 2, show(proc)
+    assert "error: " in proc.stderr and "broken.jsonl: line 2: malformed JSON" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_exact_mode_is_the_lora_method():
+    """--method lora and CE-LoRA with keep = 1 everywhere build the same configuration (so the
+    ZeRO-3 LoRA run of test_train_distributed also covers CE-LoRA's exact mode)."""
+    from celora_dist.train.cli import build_parser, celora_config_from_args
+
+    def cfg(argv):
+        return celora_config_from_args(build_parser().parse_args(argv)).to_dict()
+
+    exact = cfg(["--keep", "v_proj=1,o_proj=1,up_proj=1,down_proj=1"])
+    lora = cfg(["--method", "lora"])
+    assert exact["keep"] == lora["keep"] == {}
+    assert sorted(exact["exact"]) == sorted(lora["exact"]) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert {k: v for k, v in exact.items() if k != "exact"} == {k: v for k, v in lora.items() if k != "exact"}
+    partial = cfg(["--keep", "v_proj=0.3,q_proj=0.9", "--refresh-every", "7", "--no-sync-indices"])
+    assert partial["keep"]["v_proj"] == 0.3 and partial["keep"]["q_proj"] == 0.9 and "q_proj" not in partial["exact"]
+    assert partial["refresh_every"] == 7 and partial["sync_indices"] is False

@@ -1,0 +1,125 @@
+"""Helpers for the trainer tests: a tiny Llama + tokenizer on disk, synthetic task files,
+and ``launch/train.py`` in real processes (single process or ``deepspeed --num_gpus 2``)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "launch" / "train.py"
+WORDS = ["red", "blue", "green", "cat", "dog", "fish", "run", "jump", "swim", "big", "small", "fast"]
+
+
+def mc_rows(n: int, seed: int = 0) -> list[dict]:
+    """PIQA-shaped rows; the answer is A when the question starts with a colour word."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        q = [rng.choice(WORDS) for _ in range(rng.randint(3, 6))]
+        label = "A" if q[0] in ("red", "blue", "green") else "B"
+        opts = [" ".join(rng.choice(WORDS) for _ in range(2)) for _ in range(2)]
+        rows.append({"question": " ".join(q), "options": f"A. {opts[0]}\nB. {opts[1]}",
+                     "answer": f"{label}. {opts['AB'.index(label)]}"})
+    return rows
+
+
+def alpaca_rows(n: int, seed: int = 1) -> list[dict]:
+    """Alpaca-shaped rows: repeat the input's last word twice."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(2, 5))]
+        rows.append({"instruction": "repeat the last word twice", "input": " ".join(words),
+                     "output": f"{words[-1]} {words[-1]}"})
+    return rows
+
+
+def make_tokenizer(out: Path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    extra = ["Question", "Answer", "Context", "Instruction", "Input", "Response", "repeat", "the", "last",
+             "word", "twice", "yes", "no", "or", "A", "B", "C", "D", "E", ":", ".", "#", "###", "?", "(", ")"]
+    vocab = {tok: i for i, tok in enumerate(specials + WORDS + extra)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(out)
+    return fast
+
+
+def make_assets(root: Path) -> dict[str, Path]:
+    """tiny Llama + tokenizer folder, a PIQA-shaped file and an alpaca file under ``root``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root.mkdir(parents=True, exist_ok=True)
+    model_dir = root / "tiny-llama"
+    tok = make_tokenizer(model_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=False, initializer_range=0.2, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    mc = root / "mc.jsonl"
+    mc.write_text("".join(json.dumps(r) + "\n" for r in mc_rows(480)))
+    alpaca = root / "alpaca.json"
+    alpaca.write_text(json.dumps(alpaca_rows(400), indent=1))
+    return {"model": model_dir, "mc": mc, "alpaca": alpaca}
+
+
+# Small CE-LoRA shapes for the tiny model (v_proj has 32 outputs: r0 must stay below that).
+TINY_FLAGS = ["--r", "4", "--alpha", "8", "--r0", "4", "--seq-len", "64", "--lr", "3e-3",
+              "--lr-schedule", "constant", "--max-grad-norm", "0", "--mc-format", "letter"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+             PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    # The checkout under test wins over any other install of celora_dist.
+    e["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in e.get("PYTHONPATH", "").split(os.pathsep) if p])
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(key, None)
+    return e
+
+
+def run_train(args: list[str], nproc: int = 1, timeout: int = 240, extra_env: dict | None = None,
+              port: int | None = None) -> subprocess.CompletedProcess:
+    """Run launch/train.py; ``nproc`` > 1 goes through DeepSpeed's launcher."""
+    if nproc == 1:
+        cmd = [sys.executable, str(TRAIN), *args]
+    else:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+               "--master_port", str(port or free_port()), str(TRAIN), *args]
+    e = env()
+    e.update(extra_env or {})
+    return subprocess.run(["timeout", "-k", "10", str(timeout), *cmd], cwd=REPO, env=e,
+                          capture_output=True, text=True)
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(output_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(output_dir) if "loss" in r and "eval" not in r]
+
+
+def show(proc: subprocess.CompletedProcess) -> str:
+    return f"rc={proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
