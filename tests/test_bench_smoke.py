@@ -34,7 +34,9 @@ def _check_rows(bench, rows, methods, rel=1e-9, abs_=0.0, check_ratios=True):
     assert len(rows) == 2 * len(bench.KEEPS)  # 2 smoke shapes x 4 keeps
     for row in rows:
         for col in ("dense_ms", "ceiling", *(f"{m}_{s}" for m in methods for s in ("ms", "x", "%ceil"))):
-            assert math.isfinite(row[col]) and row[col] > 0, (col, row)
+            # printed ratios may round to 0.00 (interpreted Triton is far slower than dense)
+            positive = row[col] > 0 or (not check_ratios and not col.endswith("_ms") and row[col] == 0)
+            assert math.isfinite(row[col]) and positive, (col, row)
         for name in methods if check_ratios else ():
             ratio = row["dense_ms"] / row[f"{name}_ms"]
             assert abs(row[f"{name}_x"] - ratio) <= rel * ratio + abs_, (name, row)
