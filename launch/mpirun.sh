@@ -28,6 +28,8 @@ fi
 export MASTER_PORT=${MASTER_PORT:-29500}
 root=()
 [ "$(id -u)" = 0 ] && root=(--allow-run-as-root)
-exec mpirun "${root[@]}" "${mpi_args[@]}" \
-    -x MASTER_ADDR -x MASTER_PORT -x PATH -x PYTHONPATH -x DS_ACCELERATOR -x OMP_NUM_THREADS \
-    bash "$here/_rank_env.sh" "$@"
+exports=()
+for var in MASTER_ADDR MASTER_PORT PATH PYTHONPATH DS_ACCELERATOR OMP_NUM_THREADS CELORA_CACHE; do
+    [ -n "${!var:-}" ] && exports+=(-x "$var")
+done
+exec mpirun "${root[@]}" "${mpi_args[@]}" "${exports[@]}" bash "$here/_rank_env.sh" "$@"
