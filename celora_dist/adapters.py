@@ -68,10 +68,15 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model: str
     Under torch.distributed every rank must call it (ZeRO-3 gathers are collective);
     rank 0 writes. Returns the directory.
     """
-    cfg: CELoRAConfig | None = getattr(model, "celora_config", None)
-    if cfg is None:
+    if getattr(model, "celora_config", None) is None:
         raise ValueError("save_adapter: model has no celora_config (was it made by inject_celora?)")
-    state = adapter_state_dict(model)
+    return write_peft_adapter(model, adapter_state_dict(model), directory, base_model)
+
+
+def write_peft_adapter(model: nn.Module, state: dict[str, torch.Tensor], directory: str | os.PathLike,
+                       base_model: str | None = None) -> Path:
+    """Write gathered LoRA tensors ``state`` with the model's config; global rank 0 writes, atomically."""
+    cfg: CELoRAConfig = model.celora_config
     final = Path(directory)
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return final

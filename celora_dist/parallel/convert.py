@@ -10,18 +10,13 @@ call (same seed or same checkpoint), exactly as DeepSpeed AutoTP expects.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-import torch.distributed as dist
-from peft.utils import SAFETENSORS_WEIGHTS_NAME
-from safetensors.torch import save_file
 from torch import nn
 
-from ..adapters import PEFT_PREFIX, _replace_dir_atomically, peft_lora_config
+from ..adapters import PEFT_PREFIX, write_peft_adapter
 from ..config import CELoRAConfig
 from ..layer import CELoRALinear
 from ..selection import celora_layers
@@ -143,18 +138,4 @@ def save_tp_adapter(model: nn.Module, directory: str | os.PathLike, base_model: 
     if cfg is None:
         raise ValueError("save_tp_adapter: model has no celora_config (made by inject_celora or "
                          "parallelize_celora(cfg=...)?)")
-    state = gather_lora_state_dict(model)
-    final = Path(directory)
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
-        return final
-    targets = sorted({name.rsplit(".", 1)[-1] for name, _ in celora_layers(model)})
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        peft_lora_config(cfg, targets, base_model).save_pretrained(str(tmp))
-        save_file(state, str(tmp / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
-        _replace_dir_atomically(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+    return write_peft_adapter(model, gather_lora_state_dict(model), directory, base_model)

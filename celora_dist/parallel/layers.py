@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import num_kept
-from ..kernels import grad_input
 from ..layer import CELoRALinear, _CELoRAFunction, local_backward
 from ..selection import RelErrorMeter
 from .comm import ReduceGradOverTP, all_gather_cat, all_reduce_many, broadcast_, group_rank, group_size

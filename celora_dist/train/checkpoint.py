@@ -103,7 +103,6 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], run: d
     ``run``: the set-up a resume must match (see :func:`check_compatible`)."""
     import json
 
-    import torch
     import torch.distributed as dist
 
     from ..selection import celora_state_dict
