@@ -10,6 +10,10 @@ Several ranks (DeepSpeed's launcher; on a machine without GPUs add DS_ACCELERATO
     deepspeed --num_gpus 2 launch/train.py
     deepspeed --num_gpus 2 launch/train.py --deepspeed_config ds_configs/zero2.json \\
         --model PATH --data commonsense_170k.json --keep v_proj=0.55,o_proj=0.55 --output-dir runs/x
+    deepspeed --num_gpus 4 launch/train.py --deepspeed_config ds_configs/tp2_zero1.json ...   # TP 2 x DP 2
+
+Tensor parallelism: the TP size is the config's tensor_parallel.autotp_size (or --tp N);
+ranks form a TP x DP grid, ZeRO stages 0-2 partition over the DP group (TP + ZeRO-3 is refused).
 
 Outputs in --output-dir: metrics.jsonl, checkpoints/ (resume with --resume DIR),
 adapter/ (PEFT format: peft.PeftModel.from_pretrained(base, "adapter")), summary.json.
@@ -34,13 +38,16 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from celora_dist.train import data as D
     from celora_dist.train import engine as E
+    from celora_dist.train import parallel as P
 
     E.setup_environment()
     world = int(os.environ["WORLD_SIZE"])
-    ds_config = E.resolve_ds_config(args.deepspeed_config, args, world)
+    ds_config = E.resolve_ds_config(args.deepspeed_config, args, world)  # also the TP size: args.tp
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    tp = args.tp
     is_main = int(os.environ.get("RANK", "0")) == 0
-    run_info = {"world_size": world, "zero_stage": zero_stage, "dtype": args.dtype, "method": args.method}
+    run_info = {"world_size": world, "zero_stage": zero_stage, "dtype": args.dtype, "method": args.method,
+                "tp_size": tp}
     if args.resume:
         from celora_dist.train.checkpoint import check_compatible
 
@@ -65,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.eval_samples is not None:
         eval_records = eval_records[: args.eval_samples]
     check_targets(model_dir, args.celora)
+    P.check_tp_model(model_dir, tp)
 
     # ---- 2. processes, model, CE-LoRA surgery ----------------------------------------------
     import torch
@@ -78,6 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     E.init_distributed()
     rank = dist.get_rank()
+    tp_group, dp_group = P.process_groups(tp)  # DeepSpeed's TP x DP grid (tp_group None without TP)
+    dp_rank, dp_world = dist.get_rank(dp_group), dist.get_world_size(dp_group)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.manual_seed(args.seed)  # identical LoRA init on every rank
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -85,12 +95,11 @@ def main(argv: list[str] | None = None) -> dict:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model.config.use_cache = False
     celora_dist.inject_celora(model, args.celora, verbose=is_main)
+    P.shard_model(model, tp_group)  # TP: q/k/v/gate/up column-parallel, o/down row-parallel
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    # ---- 3. data: tokenized, split over DP ranks, grouped by optimizer step -----------------
-    dp_group = E.data_parallel_group()
-    dp_rank, dp_world = dist.get_rank(dp_group), dist.get_world_size(dp_group)
+    # ---- 3. data: tokenized, split over DP ranks (identical within a TP group) ---------------
     train_ds = D.tokenize(train_records, tokenizer, args.seq_len)
     batches = D.StepBatches(train_ds, args.micro_batch, args.grad_accum, dp_rank, dp_world, args.seed, pad_id)
     total_steps = args.max_steps or max(1, round((args.epochs or 1) * batches.steps_per_epoch))
@@ -107,17 +116,18 @@ def main(argv: list[str] | None = None) -> dict:
         step = client["step"]
         batches.load_state(client["data"])
     else:
-        torch.manual_seed(args.seed + rank)  # per-rank stream for dropout and friends
+        torch.manual_seed(args.seed + dp_rank)  # per-replica stream for dropout (a TP group shares it)
     metrics = Metrics(output_dir, total_steps, step, is_main, resumed=bool(args.resume))
+    layout = f"ZeRO-{zero_stage} x {world} rank(s)" + (f" (TP {tp} x DP {dp_world})" if tp > 1 else "")
     metrics.message(
         f"{'CE-LoRA' if args.method == 'celora' else 'LoRA'} | {Path(model_dir).name} | {task} | "
-        f"ZeRO-{zero_stage} x {world} rank(s) | micro-batch {args.micro_batch} x grad-accum {args.grad_accum} "
+        f"{layout} | micro-batch {args.micro_batch} x grad-accum {args.grad_accum} "
         f"| {total_steps} steps ({batches.steps_per_epoch}/epoch) | {args.dtype}"
         + (f" | resumed at step {step}" if args.resume else ""))
 
     def run_eval(label: str) -> dict:
         t = time.perf_counter()
-        result = evaluate(engine.module, tokenizer, eval_records, args.seq_len, device)
+        result = evaluate(engine.module, tokenizer, eval_records, args.seq_len, device, group=dp_group)
         result["eval_time_s"] = round(time.perf_counter() - t, 2)
         metrics.write({"step": step, "eval": label, **result})
         acc = f", accuracy {result['accuracy']:.4f}" if "accuracy" in result else ""
@@ -148,9 +158,9 @@ def main(argv: list[str] | None = None) -> dict:
             loss_sum += float(loss.detach())
             tokens += int(micro["attention_mask"].sum())
         stats = torch.tensor([loss_sum / len(group), float(tokens)], dtype=torch.float64)
-        dist.all_reduce(stats)
+        dist.all_reduce(stats, group=dp_group)  # the ranks of a TP group share one batch
         step_time = time.perf_counter() - t0
-        record = {"step": step, "loss": stats[0].item() / world, "lr": lr,
+        record = {"step": step, "loss": stats[0].item() / dp_world, "lr": lr,
                   "grad_norm": _float(engine.get_global_grad_norm()), "tokens": int(stats[1].item()),
                   "tokens_per_s": stats[1].item() / step_time, "step_time_s": step_time,
                   "peak_mem_mb": peak_memory_mb()}
@@ -170,14 +180,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- 6. final checkpoint, PEFT adapter, held-out evaluation, summary ------------------
     C.save(engine, ckpt_dir, step, {"step": step, "data": batches.state()}, run_info)
-    celora_dist.save_adapter(engine.module, output_dir / "adapter", base_model=str(model_dir))
+    P.export_adapter(engine.module, output_dir / "adapter", str(model_dir), tp)  # TP: gathered to full tensors
     if args.dump_celora_state:
         dump = output_dir / "celora_state"
         dump.mkdir(parents=True, exist_ok=True)
         torch.save(celora_dist.celora_state_dict(engine.module), dump / f"rank{rank}.pt")
     final = run_eval("final") if eval_records and not args.no_final_eval else None
     summary = {
-        "method": args.method, "zero_stage": zero_stage, "world_size": world, "steps": step,
+        "method": args.method, "zero_stage": zero_stage, "world_size": world, "tp_size": tp, "steps": step,
         "train_time_s": round(train_time, 2),
         "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
         "zero_shot_accuracy": (zero_shot or {}).get("accuracy"),

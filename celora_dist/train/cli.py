@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
                    help="DeepSpeed JSON config (default: ds_configs/zero2.json)")
+    g.add_argument("--tp", type=int, default=None,
+                   help="tensor-parallel size: fills tensor_parallel.autotp_size of the DeepSpeed config "
+                        "(ZeRO 0-2 only; default: the config's, else 1)")
     g.add_argument("--output-dir", default="runs/celora", help="metrics.jsonl, checkpoints/, adapter/")
     g.add_argument("--resume", default=None, help="checkpoint folder (or an output dir) to continue from")
     g.add_argument("--save-every", type=int, default=0, help="save a checkpoint every N steps (0 = only at the end)")
@@ -164,7 +167,7 @@ def celora_config_from_args(args: argparse.Namespace) -> CELoRAConfig:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check the flags; fills ``args.celora`` (CELoRAConfig) and ``args.embedded``."""
     args = build_parser().parse_args(argv)
-    for flag in ("micro_batch", "grad_accum", "max_steps", "seq_len", "r", "r0", "refresh_every"):
+    for flag in ("micro_batch", "grad_accum", "max_steps", "seq_len", "r", "r0", "refresh_every", "tp"):
         value = getattr(args, flag)
         if value is not None and value < (0 if flag == "r0" else 1):
             raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {value}")

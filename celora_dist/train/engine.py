@@ -58,7 +58,10 @@ def _num(value: Any) -> int | None:
 
 
 def resolve_ds_config(path: str, args, world_size: int) -> dict[str, Any]:
-    """Load ``path``, check it and fill it from the CLI. Sets args.micro_batch/grad_accum."""
+    """Load ``path``, check it and fill it from the CLI. Sets args.micro_batch/grad_accum/tp.
+
+    Batch sizes count data-parallel ranks: with tensor parallelism (TP size from
+    ``tensor_parallel.autotp_size`` or --tp) that is ``world_size // tp``."""
     cfg = _load_mapping(path, "--deepspeed_config")
     where = f"--deepspeed_config {path}"
     unknown = sorted(k for k in cfg if k not in KNOWN_TOP_LEVEL and not _is_comment(k))
@@ -76,6 +79,11 @@ def resolve_ds_config(path: str, args, world_size: int) -> dict[str, Any]:
     if "optimizer" in cfg or "scheduler" in cfg:
         raise UsageError(f"{where}: remove the optimizer/scheduler sections; the trainer builds AdamW "
                          f"and the schedule from --lr/--lr-schedule/--warmup")
+    from .parallel import resolve_tp
+
+    tp = resolve_tp(cfg, args, world_size, where)  # sets args.tp; TP + ZeRO-3 refused here
+    dp_size = world_size // tp  # DeepSpeed's batch arithmetic counts data-parallel ranks
+    ranks = "rank(s)" if tp == 1 else f"data-parallel rank(s) (TP {tp})"
 
     try:
         tbs, mb, ga = (_num(cfg.get(k)) for k in BATCH_KEYS)
@@ -92,13 +100,13 @@ def resolve_ds_config(path: str, args, world_size: int) -> dict[str, Any]:
         if mb is None and ga is None:
             ga = DEFAULT_GRAD_ACCUM
         if mb is None:
-            mb = tbs // (ga * world_size)
+            mb = tbs // (ga * dp_size)
         elif ga is None:
-            ga = tbs // (mb * world_size)
-        if mb < 1 or ga < 1 or mb * ga * world_size != tbs:
+            ga = tbs // (mb * dp_size)
+        if mb < 1 or ga < 1 or mb * ga * dp_size != tbs:
             raise UsageError(
                 f"batch-size mismatch: {where} sets train_batch_size = {tbs}, but micro-batch {mb} x "
-                f"grad-accum {ga} x {world_size} rank(s) = {max(mb, 0) * max(ga, 0) * world_size}")
+                f"grad-accum {ga} x {dp_size} {ranks} = {max(mb, 0) * max(ga, 0) * dp_size}")
     mb = mb or DEFAULT_MICRO_BATCH
     ga = ga or DEFAULT_GRAD_ACCUM
     args.micro_batch, args.grad_accum = mb, ga
@@ -106,7 +114,12 @@ def resolve_ds_config(path: str, args, world_size: int) -> dict[str, Any]:
     out = copy.deepcopy(cfg)
     out["train_micro_batch_size_per_gpu"] = mb
     out["gradient_accumulation_steps"] = ga
-    out["train_batch_size"] = mb * ga * world_size
+    out["train_batch_size"] = mb * ga * dp_size
+    if tp > 1:
+        # DeepSpeed 0.19 checks train_batch_size against EVERY rank when AutoTP is on (its
+        # config has no mpu yet): leave it out and let DeepSpeed derive its own (logs only;
+        # gradients are averaged over the DP group, the data is split over the DP group).
+        del out["train_batch_size"]
     if out.get("gradient_clipping", "auto") == "auto":
         out["gradient_clipping"] = args.max_grad_norm
     bf16 = out.setdefault("bf16", {})

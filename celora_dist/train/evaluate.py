@@ -4,8 +4,9 @@ A question is answered by the choice whose tokens get the highest total
 log-probability after the prompt (lm-eval's "acc"); when every choice is one token
 (letters, yes/no) the forward that measures the answer loss scores them all,
 otherwise one batched forward over prompt + each choice does. Examples are
-sharded over ranks and padded so every rank runs the same number of forwards (ZeRO-3
-gathers parameters collectively inside forward).
+sharded over data-parallel ranks and padded so every rank runs the same number of
+forwards (ZeRO-3 gathers parameters, and TP layers exchange activations, collectively
+inside forward).
 """
 from __future__ import annotations
 
@@ -68,9 +69,14 @@ def _score_example(model, tokenizer, record: dict, seq_len: int, device,
     return pred, float(-scores[gold]), len(cids[gold])
 
 
-def evaluate(model, tokenizer, records: list[dict], seq_len: int, device) -> dict[str, float]:
-    """Accuracy (multiple-choice records) and mean answer-token loss over ``records``."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+def evaluate(model, tokenizer, records: list[dict], seq_len: int, device, group=None) -> dict[str, float]:
+    """Accuracy (multiple-choice records) and mean answer-token loss over ``records``.
+
+    ``group``: the data-parallel group the examples are split over (default: the
+    world). With tensor parallelism pass the DP group: the ranks of a TP group must
+    run the same forwards (their layers exchange activations).
+    """
+    rank, world = (dist.get_rank(group), dist.get_world_size(group)) if dist.is_initialized() else (0, 1)
     per_rank = math.ceil(len(records) / world)
     mine = [records[i] if i < len(records) else None for i in range(rank * per_rank, (rank + 1) * per_rank)]
     was_training = model.training
@@ -91,7 +97,7 @@ def evaluate(model, tokenizer, records: list[dict], seq_len: int, device) -> dic
         model.train(was_training)
     totals = torch.tensor([correct, counted, nll, ntok], dtype=torch.float64)
     if dist.is_initialized() and world > 1:
-        dist.all_reduce(totals)
+        dist.all_reduce(totals, group=group)
     correct, counted, nll, ntok = totals.tolist()
     out = {"eval_loss": nll / max(ntok, 1), "eval_examples": len(records)}
     if counted:
