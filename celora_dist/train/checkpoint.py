@@ -64,7 +64,7 @@ def check_compatible(ckpt_dir: Path, tag: str, run: dict[str, Any]) -> None:
     if diff:
         detail = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items())
         raise UsageError(f"--resume {ckpt_dir / tag}: saved by a different set-up ({detail}); "
-                         f"resume with the same ranks, ZeRO stage, dtype and method")
+                         f"resume with the same ranks, TP size, ZeRO stage, dtype and method")
 
 
 def _rng_state() -> dict[str, Any]:
