@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     import celora_dist
     from celora_dist.train import checkpoint as C
     from celora_dist.train.evaluate import evaluate
-    from celora_dist.train.metrics import Metrics, peak_memory_mb
+    from celora_dist.train.metrics import Metrics, celora_record, peak_memory_mb
 
     E.init_distributed()
     rank = dist.get_rank()
@@ -164,13 +164,11 @@ def main(argv: list[str] | None = None) -> dict:
                   "grad_norm": _float(engine.get_global_grad_norm()), "tokens": int(stats[1].item()),
                   "tokens_per_s": stats[1].item() / step_time, "step_time_s": step_time,
                   "peak_mem_mb": peak_memory_mb()}
-        errors = {name: t["rel_error"] for name, t in celora_dist.telemetry(engine.module).items()
-                  if t["step"] == step and t["rel_error"] is not None}
-        if errors:
-            record["grad_rel_error"] = errors
+        celora = celora_record(engine.module, step)  # dX errors, head error, adaptive k on refresh steps
+        record.update(celora)
         losses.append(record["loss"])
         step += 1
-        metrics.step(record, write=bool(errors) or step % args.log_every == 0 or step == total_steps)
+        metrics.step(record, write=bool(celora) or step % args.log_every == 0 or step == total_steps)
         if args.save_every and step % args.save_every == 0 and step < total_steps:
             C.save(engine, ckpt_dir, step, {"step": step, "data": batches.state()}, run_info)
         if args.eval_every and step % args.eval_every == 0 and step < total_steps and eval_records:

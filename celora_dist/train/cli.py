@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..config import CELoRAConfig
+from ..config import AUTO, RELEASED_KEEP, CELoRAConfig
 
 METHODS = ("celora", "lora")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -52,7 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--alpha", type=float, default=None, help="LoRA alpha")
     g.add_argument("--r0", type=int, default=None, help="rank of the frozen SVD factors B0, A0")
     g.add_argument("--keep", default=None,
-                   help="kept fractions per module, e.g. v_proj=0.55,o_proj=0.55 (1 makes a module exact)")
+                   help="kept fractions per module, e.g. v_proj=0.55,o_proj=0.55 (1 makes a module exact); "
+                        "'auto' (every approximate module) or v_proj=auto,...: k chosen on each refresh "
+                        "step to meet --error-budget")
+    g.add_argument("--error-budget", type=float, default=None,
+                   help="target relative dX error per layer for keep 'auto', in [0, 1) (config default 0.3)")
+    g.add_argument("--head-keep", type=float, default=None,
+                   help="vocab-sparse LM head: fraction of vocabulary rows kept in the head's backward dX, "
+                        "in (0, 1] (default: exact head)")
     g.add_argument("--refresh-every", type=int, default=None, help="optimizer steps between index refreshes")
     g.add_argument("--no-sync-indices", action="store_true", help="each DP rank selects indices from its own G")
 
@@ -90,15 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _parse_keep(text: str) -> dict[str, float]:
-    keep = {}
+def _parse_keep(text: str) -> dict[str, float | str]:
+    keep: dict[str, float | str] = {}
     for item in text.split(","):
         item = item.strip()
         if not item:
             continue
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
-            raise UsageError(f"--keep: expected MODULE=FRACTION items like v_proj=0.55, got {item!r}")
+            raise UsageError(f"--keep: expected MODULE=FRACTION items like v_proj=0.55 (or 'auto'), got {item!r}")
+        if value.strip().lower() == AUTO:
+            keep[name.strip()] = AUTO
+            continue
         try:
             frac = float(value)
         except ValueError:
@@ -143,14 +153,29 @@ def celora_config_from_args(args: argparse.Namespace) -> CELoRAConfig:
             base[key] = getattr(args, flag)
     if args.no_sync_indices:
         base["sync_indices"] = False
-    keep = dict(base.get("keep", {}))
+    if args.error_budget is not None:
+        if not (0.0 <= args.error_budget < 1.0):
+            raise UsageError(f"--error-budget must be in [0, 1) (a relative dX error), got {args.error_budget}")
+        base["error_budget"] = args.error_budget
+    if args.head_keep is not None:
+        if not (0.0 < args.head_keep <= 1.0):
+            raise UsageError(f"--head-keep must be in (0, 1] (the share of vocabulary rows kept), "
+                             f"got {args.head_keep}")
+        base["head_keep"] = args.head_keep
+    keep = base.get("keep", {})
+    keep = {name: AUTO for name in RELEASED_KEEP} if keep == AUTO else dict(keep)
     exact = list(base.get("exact", []))
-    if args.keep:
+    if args.keep and args.keep.strip().lower() == AUTO:  # every approximate module adaptive
+        keep = {name: AUTO for name in (keep or RELEASED_KEEP)}
+        exact = [name for name in exact if name not in keep]
+    elif args.keep:
         for name, frac in _parse_keep(args.keep).items():
             keep.pop(name, None)
             if name in exact:
                 exact.remove(name)
-            if frac >= 1.0:
+            if frac == AUTO:
+                keep[name] = AUTO
+            elif frac >= 1.0:
                 exact.append(name)
             else:
                 keep[name] = frac

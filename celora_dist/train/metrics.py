@@ -66,3 +66,32 @@ class Metrics:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def celora_record(model, step: int) -> dict[str, Any]:
+    """CE-LoRA telemetry of optimizer step ``step`` for metrics.jsonl (call after on_optimizer_step).
+
+    ``grad_rel_error``: ‖dX_approx − dX_exact‖ / ‖dX_exact‖ per approximate layer measured on
+    this step (refresh steps), the vocab-sparse LM head included (its measurement steps);
+    ``head_rel_error``: the head's entry again, at the top level; ``chosen_k``: per adaptive
+    (keep "auto") layer, the k picked on this refresh step for the steps that follow, with
+    ``chosen_keep`` = k / m. Empty when nothing was measured or chosen on this step.
+    """
+    from celora_dist import telemetry
+    from celora_dist.head import VocabSparseLMHead
+    from celora_dist.selection import scheduled_modules
+
+    record: dict[str, Any] = {}
+    errors = {name: t["rel_error"] for name, t in telemetry(model).items()
+              if t["step"] == step and t["rel_error"] is not None}
+    if errors:
+        record["grad_rel_error"] = errors
+    heads = [name for name, m in scheduled_modules(model) if isinstance(m, VocabSparseLMHead) and name in errors]
+    if heads:
+        record["head_rel_error"] = errors[heads[0]]
+    chosen = {name: (m.k, m.out_features) for name, m in scheduled_modules(model)
+              if getattr(m, "adaptive", False) and step % m.refresh_every == 0 and m.step == step + 1}
+    if chosen:
+        record["chosen_k"] = {name: k for name, (k, _) in chosen.items()}
+        record["chosen_keep"] = {name: round(k / m, 4) for name, (k, m) in chosen.items()}
+    return record

