@@ -20,15 +20,15 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py, also when loaded by path
+from _common import interleaved_medians  # noqa: E402  (puts the checkout on sys.path too)
+
 
 from celora_dist.ops.amm import celora_grad_input  # noqa: E402
 
@@ -68,18 +68,6 @@ def plan(shapes: str, tokens: list[int] | None) -> list[tuple[str, str, int, int
     return rows
 
 
-def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
-    def run(fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-    return run
-
-
 def bench_case(m: int, n: int, T: int, keep: float, dtype: torch.dtype, device: torch.device,
                repeats: int, triton_fn: Callable | None) -> dict[str, float]:
     """Median seconds of each method for one (m, n, T, keep), methods interleaved per repeat."""
@@ -105,14 +93,8 @@ def bench_case(m: int, n: int, T: int, keep: float, dtype: torch.dtype, device: 
     }
     if triton_fn is not None:
         methods["triton"] = lambda: triton_fn(G, W0, *approx, L, Rm)
-    timed = _timer(device)
-    for fn in methods.values():  # warm-up (and Triton autotuning) outside the timings
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(repeats):
-        for name, fn in methods.items():
-            times[name].append(timed(fn))
-    result = {name: statistics.median(ts) for name, ts in times.items()}
+    # one warm-up round (and Triton autotuning) outside the timings
+    result: dict[str, float] = interleaved_medians(methods, repeats, device.type, warmup=1)
     result["k"] = k
     if triton_fn is not None:  # Triton against the reference, relative to max|dX|
         ref, out = methods["torch"]().float(), methods["triton"]().float()
