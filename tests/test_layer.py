@@ -142,6 +142,34 @@ def test_approximate_dx_equals_seed_formula(dtype, tol, m, n, keep, r0):
     assert not torch.allclose(dX.reshape(-1, n).double(), exact, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("r0", [5, 0])
+def test_approximate_dx_with_dropout_and_a_changed_selection(r0):
+    """Dropout routes the LoRA term to the dropped-out input; a new selection is used at once.
+
+    Reference by hand (float64): x.grad = (G B0) A0 + G[:, I] Ws[I] + mask ⊙ s (G B) A, and
+    dA = s (G B)ᵀ (mask ⊙ x), for two different selections in a row.
+    """
+    p = 0.3
+    layer = make_layer(r0=r0, keep=0.5, dropout=p, refresh_every=100).train()
+    m, n = layer.out_features, layer.in_features
+    g = torch.Generator().manual_seed(2)
+    for _ in range(2):
+        selected = torch.randperm(m, generator=g)[: layer.k].sort().values
+        layer.set_selected(selected)
+        layer.step = 1  # not a refresh step
+        x, grad = torch.randn(9, n, generator=g), torch.randn(9, m, generator=g)
+        torch.manual_seed(7)
+        dX, dA, _ = run_backward(layer, x, grad)
+        torch.manual_seed(7)
+        mask = nn.functional.dropout(torch.ones_like(x), p, training=True).double()
+        Gd = grad.double()
+        A, B = layer.lora_A.weight.double(), layer.lora_B.weight.double()
+        lora_term = layer.scaling * (Gd @ B) @ A
+        ref = seed_formula_dx(layer, grad, selected) - lora_term + mask * lora_term
+        torch.testing.assert_close(dX.double(), ref, **FP32_TOL)
+        torch.testing.assert_close(dA.double(), layer.scaling * (Gd @ B).t() @ (mask * x.double()), **FP32_TOL)
+
+
 def test_selection_is_topk_of_gradient_score():
     layer = make_layer(m=48, n=40, keep=0.4, refresh_every=2)
     x, grad = torch.randn(9, 40), torch.randn(9, 48) * torch.linspace(0.1, 3, 48)

@@ -13,13 +13,15 @@ One launch per configuration, shared by several assertions:
 """
 from __future__ import annotations
 
+import glob
 import json
+import os
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from .train_utils import TINY_FLAGS, read_metrics, run_train, show, train_losses
+from .train_utils import TINY_FLAGS, free_port, read_metrics, run_train, show, train_losses
 
 TWO_RANK = ["--micro-batch", "4", "--max-steps", "20", "--refresh-every", "4", "--dump-celora-state"]
 CRASH_ENV = "CELORA_TEST_CRASH_AT_SAVE"
@@ -57,10 +59,12 @@ def zero2_nosync(assets, tmp_path_factory):
 @pytest.fixture(scope="module")
 def zero3_sync(assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("z3_sync")
+    port = free_port()
     proc = run_train(["--model", str(assets["model"]), "--data", str(assets["mc"]), *TINY_FLAGS, *TWO_RANK,
-                      "--deepspeed_config", "ds_configs/zero3.json", "--output-dir", str(out)], nproc=2)
+                      "--deepspeed_config", "ds_configs/zero3.json", "--output-dir", str(out)], nproc=2,
+                     port=port)
     assert proc.returncode == 0, show(proc)
-    return out
+    return out, port
 
 
 def test_zero2_loss_falls_and_unsynced_indices_differ(zero2_nosync):
@@ -102,7 +106,7 @@ def test_zero2_resume_after_crash_mid_save_is_identical(zero2_nosync, tmp_path):
 
 
 def test_zero3_synced_indices_identical_and_match_single_process(zero3_sync, single_celora):
-    out = zero3_sync
+    out, _ = zero3_sync
     single, _ = single_celora
     losses = train_losses(out)
     _loss_falls(losses)
@@ -115,6 +119,13 @@ def test_zero3_synced_indices_identical_and_match_single_process(zero3_sync, sin
     assert [s["step"] for s in r0.values()] == [20] * len(r0)
     # ZeRO-3 gathers W0/B0/A0/LoRA correctly in forward and backward: same losses as one process.
     assert losses == pytest.approx(train_losses(single), rel=0, abs=1e-4)
+
+
+def test_run_leaves_no_deepspeed_shared_memory_behind(zero3_sync):
+    """DeepSpeed's CPU backend never unlinks its 66 MB-per-rank /dev/shm all-reduce segments."""
+    _, port = zero3_sync
+    left = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*")
+    assert not left, f"leaked shared memory: {left}"
 
 
 def test_zero3_exact_mode_equals_single_process_lora(assets, single_lora, tmp_path):

@@ -209,6 +209,7 @@ class _TPCELoRALinear(CELoRALinear):
         self._shard(full)
         self.register_buffer("selected", None, persistent=False)
         self.register_buffer("complement", None, persistent=False)
+        self._B0_complement = None
         self.step = full.step
         self._pending_colsq = None
         self.error = RelErrorMeter()

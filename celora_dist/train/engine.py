@@ -7,6 +7,7 @@ contradicts are reported with the file name.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -171,6 +172,27 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend=backend)
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        release_shm_workspace()
+
+
+def release_shm_workspace() -> None:
+    """Unlink this rank's DeepSpeed CPU shared-memory all-reduce segment once every rank mapped it.
+
+    DeepSpeed's CPU backend (one node, LOCAL_SIZE == world size) creates a 66 MB
+    /dev/shm segment per rank and never unlinks it: each 2-rank CPU run leaked 132 MB
+    of RAM-backed tmpfs until reboot (200 files, 13 GB, after a day of tests here).
+    The mappings stay valid after unlinking; peers open each other's segment inside
+    init_distributed, so after a barrier nobody needs the name any more.
+    """
+    import torch.distributed as dist
+
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name)
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
