@@ -12,7 +12,8 @@ steps, batch and held-out questions per seed; only the method flags differ:
 - ``lora``: ``--method lora --r 16`` (plain LoRA, the paper's baseline rank);
 - ``celora``: the released config (r = r0 = 14, v/o keep 0.55, up/down 0.65);
 - ``celora-auto``: ``--keep auto --error-budget B`` (k per layer from the measured error);
-- ``celora-head``: released config + ``--head-keep H`` (vocab-sparse LM-head backward).
+- ``celora-head``: released config + ``--head-keep H`` (vocab-sparse LM-head backward);
+  with several ``--head-keep`` values, one method per value (``celora-head0.05``, ...).
 
 Reports accuracy mean ± std over seeds and the difference to LoRA (paired by seed: the
 same seed means the same data order), plus the dX errors the runs measured.
@@ -22,34 +23,48 @@ the dev questions for training, dev.jsonl for evaluation).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-TRAIN = ROOT / "launch" / "train.py"
+from _trainer_runs import ROOT, run_trainer
 
 METHODS = ("lora", "celora", "celora-auto", "celora-head")
 COLUMNS = ["task", "method", "accuracy", "std", "delta_vs_lora", "delta_std", "seeds", "final_loss",
            "train_s", "layer_err", "head_err", "mean_keep"]
 
 
-def method_flags(method: str, error_budget: float, head_keep: float) -> list[str]:
+def method_flags(method: str, error_budget: float) -> list[str]:
+    if method.startswith("celora-head"):  # celora-head<keep>, see expand_methods
+        return ["--method", "celora", "--head-keep", method[len("celora-head"):]]
     return {
         "lora": ["--method", "lora", "--r", "16"],
         "celora": ["--method", "celora"],
         "celora-auto": ["--method", "celora", "--keep", "auto", "--error-budget", str(error_budget)],
-        "celora-head": ["--method", "celora", "--head-keep", str(head_keep)],
     }[method]
+
+
+def expand_methods(methods: list[str], head_keeps: list[float]) -> list[str]:
+    """``celora-head`` becomes one method per head keep, named with it (celora-head0.1)."""
+    out = []
+    for m in methods:
+        out += [f"celora-head{h:g}" for h in head_keeps] if m == "celora-head" else [m]
+    return out
+
+
+def parse_head_keeps(text: str) -> list[float]:
+    try:
+        keeps = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --head-keep must be a comma list of fractions, got {text!r}") from None
+    bad = [k for k in keeps if not 0.0 < k <= 1.0]
+    if not keeps or bad:
+        raise SystemExit(f"error: --head-keep values must lie in (0, 1], got {text!r}")
+    return keeps
 
 
 def boolq_files(workdir: Path) -> tuple[Path, Path]:
@@ -82,47 +97,11 @@ def task_flags(task: str, args, workdir: Path) -> list[str]:
     raise SystemExit(f"error: unknown task {task!r} (piqa, boolq)")
 
 
-def run_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
-    env.update(DS_ACCELERATOR=env.get("DS_ACCELERATOR", "cpu"), TOKENIZERS_PARALLELISM="false",
-               PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
-
-
-_TRAIN_MODULE = None
-
-
-def _train_main(argv: list[str]) -> None:
-    """launch/train.py's main(argv) in this process (its progress output goes to stderr)."""
-    global _TRAIN_MODULE
-    if _TRAIN_MODULE is None:
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location("celora_launch_train", TRAIN)
-        _TRAIN_MODULE = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(_TRAIN_MODULE)
-    with contextlib.redirect_stdout(sys.stderr):
-        _TRAIN_MODULE.main(argv)
-
-
 def run_one(flags: list[str], out: Path, log, in_process: bool = False) -> dict:
     """One fine-tune (its own process, or in this one); summary.json plus what metrics.jsonl measured."""
-    cmd = [sys.executable, str(TRAIN), *flags, "--output-dir", str(out)]
-    log(f"$ {' '.join(cmd[1:])}")
     t = time.perf_counter()
-    if in_process:
-        _train_main(cmd[2:])
-    else:
-        proc = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"error: run failed (rc={proc.returncode}): {' '.join(cmd)}\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    records = run_trainer(flags, out, log, in_process)
     summary = json.loads((out / "summary.json").read_text())
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "eval" not in r]
     layer = [e for r in steps for name, e in r.get("grad_rel_error", {}).items() if "lm_head" not in name]
     head = [r["head_rel_error"] for r in steps if "head_rel_error" in r]
@@ -213,7 +192,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="index refresh / error measurement period (the paper's 200 is for runs of thousands "
                         "of steps)")
     p.add_argument("--error-budget", type=float, default=0.3)
-    p.add_argument("--head-keep", type=float, default=0.1)
+    p.add_argument("--head-keep", default="0.1", help="comma list: one celora-head method per value")
     p.add_argument("--mc-format", choices=("text", "letter"), default="text")
     p.add_argument("--model", default=None, help="HF model folder instead of the embedded SmolLM2 (with --data)")
     p.add_argument("--data", default=None)
@@ -231,6 +210,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     bad = [m for m in methods if m not in METHODS]
     if bad:
         p.error(f"unknown method(s) {bad}; choose from {METHODS}")
+    methods = expand_methods(methods, parse_head_keeps(a.head_keep))
     if a.smoke:
         a.seeds, a.steps, a.eval_samples, a.refresh_every, a.lr = 2, 3, 8, 2, 3e-3
         a.in_process = True
@@ -264,7 +244,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     first = seed == 0 and method == methods[0]
                     summary = done.get((method, seed))
                     if summary is None:
-                        flags = tflags + common + method_flags(method, a.error_budget, a.head_keep) + [
+                        flags = tflags + common + method_flags(method, a.error_budget) + [
                             "--seed", str(seed), "--zero-shot" if first else "--no-zero-shot"]
                         summary = run_one(flags, root / task / f"{method}-seed{seed}", log, a.in_process)
                         with open(root / task / "runs.jsonl", "a") as f:

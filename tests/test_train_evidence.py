@@ -109,7 +109,7 @@ def test_accuracy_bench_smoke(assets):
     """bench/accuracy.py --smoke on the tiny model: table columns, every method, finite numbers."""
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "accuracy.py"), "--smoke",
                            "--model", str(assets["model"]), "--data", str(assets["mc"]), "--mc-format", "letter",
-                           "--seq-len", "64"],
+                           "--seq-len", "64", "--head-keep", "0.2,0.5"],
                           cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, show(proc)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("|")]
@@ -117,7 +117,8 @@ def test_accuracy_bench_smoke(assets):
     rows = [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]]
     assert header == ["task", "method", "accuracy", "std", "delta_vs_lora", "delta_std", "seeds", "final_loss",
                       "train_s", "layer_err", "head_err", "mean_keep"]
-    assert [r["method"] for r in rows] == ["zero-shot", "lora", "celora", "celora-auto", "celora-head"]
+    assert [r["method"] for r in rows] == ["zero-shot", "lora", "celora", "celora-auto",
+                                          "celora-head0.2", "celora-head0.5"]
     for r in rows:
         assert 0.0 <= float(r["accuracy"]) <= 1.0
     for r in rows[1:]:
@@ -128,5 +129,34 @@ def test_accuracy_bench_smoke(assets):
     by = {r["method"]: r for r in rows}
     assert by["lora"]["layer_err"] == "-" and by["lora"]["head_err"] == "-"  # everything exact
     assert 0.0 < float(by["celora"]["layer_err"]) < 1.5
-    assert 0.0 < float(by["celora-head"]["head_err"]) < 1.0
+    # fewer vocabulary rows kept, larger head error (same seeds, same data)
+    assert 0.0 < float(by["celora-head0.5"]["head_err"]) < float(by["celora-head0.2"]["head_err"]) < 1.0
     assert 0.0 < float(by["celora-auto"]["mean_keep"]) <= 1.0
+
+
+def test_gradient_error_bench_smoke(assets, tmp_path):
+    """bench/gradient_error.py --smoke on the tiny model: both PNGs, a row per ablation and projection,
+    errors in (0, 1.5); AMM without the double-LoRA part errs more than with it (same indices' budget)."""
+    plots = tmp_path / "img"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gradient_error.py"), "--smoke",
+                           "--model", str(assets["model"]), "--data", str(assets["mc"]), "--seq-len", "64",
+                           "--plots", str(plots)],
+                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, show(proc)
+    for kind in ("steps", "depth"):
+        png = plots / f"gradient_error_{kind}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]]
+    assert header == ["ablation", "projection", "layers", "first_err", "last_err", "mean_err", "max_err",
+                      "final_loss"]
+    assert {(r["ablation"], r["projection"]) for r in rows} == {
+        (a, p) for a in ("full", "amm-only", "double-lora-only", "static-score") for p in APPROX}
+    for r in rows:
+        # layer 0's v_proj reads the frozen embedding: no dX is needed there, so none is measured
+        assert r["layers"] == ("1" if r["projection"] == "v_proj" else "2"), r
+        assert math.isfinite(float(r["final_loss"]))
+        assert 0.0 < float(r["mean_err"]) <= float(r["max_err"]) < 1.5, r
+    err = {(r["ablation"], r["projection"]): float(r["mean_err"]) for r in rows}
+    assert sum(err["amm-only", p] for p in APPROX) > sum(err["full", p] for p in APPROX)
