@@ -6,7 +6,9 @@ log-probability after the prompt (lm-eval's "acc"); when every choice is one tok
 otherwise one batched forward over prompt + each choice does. Examples are
 sharded over data-parallel ranks and padded so every rank runs the same number of
 forwards (ZeRO-3 gathers parameters, and TP layers exchange activations, collectively
-inside forward).
+inside forward). Only the positions that score an answer go through the LM head
+(HF's ``logits_to_keep``): for SmolLM2 the head is a fifth of a forward's FLOPs and its
+full-vocabulary log-softmax over every prompt position was the rest of the waste.
 """
 from __future__ import annotations
 
@@ -21,6 +23,16 @@ from .data import encode
 
 def _choice_ids(tokenizer, choices: list[str]) -> list[list[int]]:
     return [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in choices]
+
+
+def _last_logits(model, keep: int, **inputs) -> torch.Tensor:
+    """Logits of the last ``keep`` positions (all positions' head work skipped where the model allows)."""
+    try:
+        return model(**inputs, logits_to_keep=keep).logits
+    except TypeError as err:  # a causal LM without logits_to_keep: compute all, slice
+        if "logits_to_keep" not in str(err):
+            raise
+        return model(**inputs).logits[:, -keep:]
 
 
 def _needs_choice_forward(tokenizer, records: list[dict]) -> bool:
@@ -41,7 +53,8 @@ def _score_example(model, tokenizer, record: dict, seq_len: int, device,
     if not choice_forward:
         ids, start = encode(tokenizer, record["prompt"], record["answer"], seq_len)
         x = torch.tensor([ids], device=device)
-        logp = F.log_softmax(model(input_ids=x).logits[0, start - 1:-1].float(), dim=-1)
+        keep = len(ids) - start + 1  # positions start-1 .. end predict the answer tokens (+ one unused)
+        logp = F.log_softmax(_last_logits(model, keep, input_ids=x)[0, :-1].float(), dim=-1)
         target = x[0, start:]
         nll = float(-logp.gather(1, target[:, None]).sum())
         pred = -1
@@ -59,11 +72,12 @@ def _score_example(model, tokenizer, record: dict, seq_len: int, device,
     for i, q in enumerate(seqs):
         batch[i, :len(q)] = torch.tensor(q)
         mask[i, :len(q)] = 1
-    lp = F.log_softmax(model(input_ids=batch, attention_mask=mask).logits.float(), dim=-1)
+    first = max(0, min(len(q) - len(c) - 1 for q, c in zip(seqs, cids)))  # earliest position scoring a choice
+    lp = F.log_softmax(_last_logits(model, width - first, input_ids=batch, attention_mask=mask).float(), dim=-1)
     scores = []
     for i, (q, c) in enumerate(zip(seqs, cids)):
         pos = torch.arange(len(q) - len(c), len(q), device=device)
-        scores.append(lp[i, pos - 1, batch[i, pos]].sum())
+        scores.append(lp[i, pos - 1 - first, batch[i, pos]].sum())
     gold = record["label"] if record["choices"] else 0
     pred = int(torch.stack(scores).argmax()) if record["choices"] else -1
     return pred, float(-scores[gold]), len(cids[gold])
