@@ -248,7 +248,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                             "--seed", str(seed), "--zero-shot" if first else "--no-zero-shot"]
                         summary = run_one(flags, root / task / f"{method}-seed{seed}", log, a.in_process)
                         with open(root / task / "runs.jsonl", "a") as f:
-                            f.write(json.dumps({"method": method, "seed": seed, **summary}) + "\n")
+                            # the study's method name wins over the trainer's ("celora" for every CE-LoRA variant)
+                            f.write(json.dumps({**summary, "trainer_method": summary.get("method"),
+                                                "method": method, "seed": seed}) + "\n")
                     if first:
                         zero_shot = summary["zero_shot_accuracy"]
                     results[method].append(summary)

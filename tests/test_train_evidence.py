@@ -105,13 +105,19 @@ def test_single_process_keep_auto_logs_chosen_k(assets, tmp_path):
     assert any("grad_rel_error" in r for s, r in chosen.items() if s > 0)
 
 
-def test_accuracy_bench_smoke(assets):
-    """bench/accuracy.py --smoke on the tiny model: table columns, every method, finite numbers."""
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "accuracy.py"), "--smoke",
-                           "--model", str(assets["model"]), "--data", str(assets["mc"]), "--mc-format", "letter",
-                           "--seq-len", "64", "--head-keep", "0.2,0.5"],
-                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+def test_accuracy_bench_smoke(assets, tmp_path):
+    """bench/accuracy.py --smoke on the tiny model: table columns, every method, finite numbers;
+    a second call with the same --out reuses the finished runs (no training) and prints the same table."""
+    cmd = [sys.executable, str(REPO / "bench" / "accuracy.py"), "--smoke", "--model", str(assets["model"]),
+           "--data", str(assets["mc"]), "--mc-format", "letter", "--seq-len", "64", "--head-keep", "0.2,0.5",
+           "--out", str(tmp_path / "runs")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, show(proc)
+    again = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, show(again)
+    assert "$ " not in again.stderr, "finished runs were trained again"
+    table = lambda out: [ln for ln in out.splitlines() if ln.startswith("|")]  # noqa: E731
+    assert table(again.stdout) == table(proc.stdout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]]
