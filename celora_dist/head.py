@@ -12,8 +12,9 @@ replaces), so no refresh lag or cross-rank sync is needed and each rank selects
 from its own batch. Measured (CPU, T = 512, V = 49,152, d = 576, keep 0.1): score pass
 8 ms + top-k ~2 ms + gathers and GEMM ~31 ms, against 190 ms for the dense dX. Scoring
 every τ steps instead would save at most that fifth of the sparse backward, at the
-price of stale rows and a DP all-reduce of V scores; per-step scoring was kept. Every ``measure_every`` optimizer steps the backward is exact
-and the error the approximation would have made is recorded for telemetry.
+price of stale rows and a DP all-reduce of V scores; per-step scoring was kept.
+Every ``measure_every`` optimizer steps the backward is exact and the error the
+approximation would have made is recorded for telemetry.
 """
 from __future__ import annotations
 

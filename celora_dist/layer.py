@@ -110,7 +110,8 @@ def local_backward(ctx, grad_out: Tensor):
     The complement term G[:, Ī] B0[Ī] is computed as G @ B0_Ī (B0 with the kept rows
     zeroed, cached per selection) in the SAME GEMM as LoRA's G B: one (T, r + r0)
     product instead of a (T, m − k) gather of G, a gather of B0 and a second GEMM.
-    It costs 2Tk·r0 FLOPs more and saved ~1.5% of a SmolLM2-135M backward on CPU.
+    It costs 2Tk·r0 FLOPs more; on CPU it took SmolLM2-135M's CE-LoRA backward from 4%
+    slower than PEFT LoRA's to equal (BENCHMARKS.md, end-to-end section).
     """
     xd, weight, lora_A, lora_B, B0, A0, xA = ctx.saved_tensors
     layer: CELoRALinear = ctx.layer
@@ -122,12 +123,12 @@ def local_backward(ctx, grad_out: Tensor):
 
     refresh = layer.refresh_due()
     approximate = need_x and layer.selected is not None and not layer.is_exact
-    if approximate and A0.shape[0] > 0:
+    low_rank = approximate and A0.shape[0] > 0  # the double-LoRA term (absent for r0 = 0)
+    if low_rank:
         # [s·G B | G[:, Ī] B0[Ī]] in one GEMM (rows I of B0 zeroed)
         left = G @ torch.cat([lora_B * s, layer._complement_B0(B0)], dim=1)
-        right = torch.cat([lora_A, A0], dim=0)
     else:
-        left, right = (G @ lora_B).mul_(s), lora_A
+        left = (G @ lora_B).mul_(s)
     sGB = left[:, :r]  # s·G B: shared by dA and the LoRA part of dX
     dA = sGB.t() @ xd.reshape(-1, n) if need_A else None
     dB = (G.t() @ xA.reshape(-1, xA.shape[-1])).mul_(s) if need_B else None
@@ -136,16 +137,22 @@ def local_backward(ctx, grad_out: Tensor):
         layer._accumulate_scores(G)
     dX = approx = dXd = None
     if need_x:
-        if not ctx.fused:  # dropout: the LoRA term goes to xd's gradient instead
-            left, right = (left[:, r:], A0) if approximate and A0.shape[0] > 0 else (None, None)
+        # the LoRA term joins dX unless dropout routes it to xd's gradient instead
+        lora = (sGB, lora_A) if ctx.fused else (None, None)
         if not approximate:
-            dX = grad_input(G, weight, None, None, None, None, left, right)
-        elif refresh:
-            dX = grad_input(G, weight, None, None, None, None, sGB if ctx.fused else None,
-                            lora_A if ctx.fused else None)
-            approx = grad_input(G, weight, layer.selected, None, None, None, left, right)
+            dX = grad_input(G, weight, None, None, None, None, *lora)
         else:
-            dX = grad_input(G, weight, layer.selected, None, None, None, left, right)
+            if not low_rank:
+                extra = lora
+            elif ctx.fused:
+                extra = (left, torch.cat([lora_A, A0], dim=0))
+            else:
+                extra = (left[:, r:], A0)
+            estimate = grad_input(G, weight, layer.selected, None, None, None, *extra)
+            if refresh:  # exact step: the estimate is kept only to measure its error
+                dX, approx = grad_input(G, weight, None, None, None, None, *lora), estimate
+            else:
+                dX = estimate
     if need_xd and not ctx.fused:
         dXd = sGB @ lora_A
     return dX, approx, dXd, dA, dB

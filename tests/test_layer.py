@@ -337,3 +337,16 @@ def test_double_lora_factors_are_contiguous():
     for p in (layer.B0, layer.A0):
         assert p.is_contiguous()
         p.data.view(torch.uint8)  # what DeepSpeed does; raises for stride(-1) != 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradient_scores_row_blocks_equal_float64_column_norms(dtype):
+    """(300, 4000) spans three 2 MiB row blocks of the CPU score pass; T = 0 gives zeros."""
+    from celora_dist.ops.amm import _SCORE_BLOCK_ELEMS, gradient_scores
+
+    G = torch.randn(300, 4000, generator=torch.Generator().manual_seed(3)).to(dtype)
+    assert G.shape[0] > _SCORE_BLOCK_ELEMS // G.shape[1] * 2  # really more than two blocks
+    out = gradient_scores(G)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), (G.double() ** 2).sum(0), rtol=1e-5, atol=0)
+    assert torch.equal(gradient_scores(G[:0]), torch.zeros(4000))

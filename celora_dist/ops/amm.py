@@ -73,6 +73,9 @@ def celora_grad_input(
     return torch.cat(lefts, dim=1) @ torch.cat(rights, dim=0)
 
 
+_SCORE_BLOCK_ELEMS = 1 << 19  # fp32 elements per row block of gradient_scores (2 MiB)
+
+
 def gradient_scores(grad_output: Tensor) -> Tensor:
     """Per-output-feature squared column norms ‖G[:, i]‖² of a (T, m) gradient, in fp32.
 
@@ -83,15 +86,10 @@ def gradient_scores(grad_output: Tensor) -> Tensor:
     (the one-shot ``(g * g).sum(0)`` wrote and re-read a 100 MB temporary).
     """
     T, m = grad_output.shape
-    rows = max(1, _SCORE_BLOCK_ELEMS // max(m, 1))
-    if T <= rows or grad_output.device.type != "cpu":  # one launch on accelerators
-        g = grad_output.float()
-        return (g * g).sum(dim=0)
+    # one launch on accelerators; cache-sized row blocks on CPU
+    rows = max(1, T) if grad_output.device.type != "cpu" else max(1, _SCORE_BLOCK_ELEMS // max(m, 1))
     out = torch.zeros(m, dtype=torch.float32, device=grad_output.device)
     for start in range(0, T, rows):
         g = grad_output[start:start + rows].float()
         out += (g * g).sum(dim=0)
     return out
-
-
-_SCORE_BLOCK_ELEMS = 1 << 19  # fp32 elements per row block of gradient_scores (2 MiB)
