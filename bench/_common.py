@@ -1,6 +1,7 @@
 """Shared benchmark plumbing: interleaved median timing and markdown tables."""
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 import time
@@ -37,10 +38,15 @@ def interleaved_medians(cases: dict[str, Callable[[], object]], repeats: int, de
 
 
 def markdown_table(rows: list[dict], columns: list[str], formats: dict[str, str]) -> str:
+    """A markdown table of ``rows``; a NaN cell (nothing measured) prints as "-"."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        lines.append("| " + " | ".join(formats.get(c, "{}").format(row[c]) for c in columns) + " |")
+        lines.append("| " + " | ".join(_cell(row[c], formats.get(c, "{}")) for c in columns) + " |")
     return "\n".join(lines)
+
+
+def _cell(value, spec: str) -> str:
+    return "-" if isinstance(value, float) and math.isnan(value) else spec.format(value)
 
 
 def machine_line(device: str, dtype: str) -> str:

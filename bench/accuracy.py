@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import markdown_table
 from _trainer_runs import ROOT, run_trainer
 
 METHODS = ("lora", "celora", "celora-auto", "celora-head")
@@ -161,22 +162,9 @@ def aggregate(task: str, results: dict[str, list[dict]], zero_shot: float | None
     return rows
 
 
-def _fmt(value, spec: str) -> str:
-    if isinstance(value, float) and math.isnan(value):
-        return "-"
-    return spec.format(value)
-
-
 FORMATS = {"accuracy": "{:.4f}", "std": "{:.4f}", "delta_vs_lora": "{:+.4f}", "delta_std": "{:.4f}",
            "seeds": "{}", "final_loss": "{:.3f}", "train_s": "{:.1f}", "layer_err": "{:.3f}",
            "head_err": "{:.3f}", "mean_keep": "{:.3f}"}
-
-
-def markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for row in rows:
-        lines.append("| " + " | ".join(_fmt(row[c], FORMATS.get(c, "{}")) for c in COLUMNS) + " |")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -260,7 +248,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     finally:
         if tmp is not None:
             tmp.cleanup()
-    print(markdown(rows))
+    print(markdown_table(rows, COLUMNS, FORMATS))
     print(f"\n{a.seeds} seed(s) x {a.steps} steps x micro-batch {a.micro_batch}, {a.eval_samples} held-out "
           f"questions per task; refresh every {a.refresh_every}; error budget {a.error_budget}; "
           f"head keep {a.head_keep}; total {time.perf_counter() - started:.0f} s")

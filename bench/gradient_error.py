@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import statistics
 import sys
@@ -30,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import markdown_table
 from _trainer_runs import run_trainer
 
 # Each ablation: a CELoRAConfig override (JSON, via --celora-config) on the released config.
@@ -41,6 +41,7 @@ ABLATIONS = {
 }
 PROJECTIONS = ("v_proj", "o_proj", "up_proj", "down_proj")
 COLUMNS = ["ablation", "projection", "layers", "first_err", "last_err", "mean_err", "max_err", "final_loss"]
+FORMATS = {c: "{:.3f}" for c in ("first_err", "last_err", "mean_err", "max_err", "final_loss")}
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
 
@@ -114,18 +115,6 @@ def _depth(name: str) -> int:
     return int(m.group(1)) if m else -1
 
 
-def _fmt(v, spec: str) -> str:
-    return "-" if isinstance(v, float) and math.isnan(v) else spec.format(v)
-
-
-def markdown(rows: list[dict]) -> str:
-    specs = {"first_err": "{:.3f}", "last_err": "{:.3f}", "mean_err": "{:.3f}", "max_err": "{:.3f}",
-             "final_loss": "{:.3f}"}
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r[c], specs.get(c, "{}")) for c in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -177,7 +166,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     finally:
         if tmp is not None:
             tmp.cleanup()
-    print(markdown(rows))
+    print(markdown_table(rows, COLUMNS, FORMATS))
     print(f"\nplots: {', '.join(str(p) for p in paths)}; total {time.perf_counter() - started:.0f} s")
     return rows
 
