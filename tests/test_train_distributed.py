@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .train_utils import TINY_FLAGS, free_port, read_metrics, run_train, show, train_losses
+from .train_utils import TINY_FLAGS, assert_losses_match, assert_same_adapter, free_port, read_metrics, run_train, show, train_losses
 
 TWO_RANK = ["--micro-batch", "4", "--max-steps", "20", "--refresh-every", "4", "--dump-celora-state"]
 CRASH_ENV = "CELORA_TEST_CRASH_AT_SAVE"
@@ -89,17 +89,11 @@ def test_zero2_resume_after_crash_mid_save_is_identical(zero2_nosync, tmp_path):
     resumed = run_train(args + ["--output-dir", str(out), "--resume", str(out)], nproc=2)
     assert resumed.returncode == 0, show(resumed)
     assert "resumed at step 10" in resumed.stdout
-    a = load_file(straight / "adapter" / "adapter_model.safetensors")
-    b = load_file(out / "adapter" / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-7, msg=key)
+    assert_same_adapter(straight, out)
     # Same data order and same per-rank indices: the losses of steps 10..19 match too.
-    straight_losses = {r["step"]: r["loss"] for r in read_metrics(straight) if "eval" not in r}
     resumed_losses = [r for r in read_metrics(out) if "eval" not in r and r["step"] >= 10]
     assert [r["step"] for r in resumed_losses][-10:] == list(range(10, 20))
-    for r in resumed_losses[-10:]:
-        assert r["loss"] == pytest.approx(straight_losses[r["step"]], rel=0, abs=1e-6)
+    assert_losses_match(straight, resumed_losses[-10:])
     for rank in (0, 1):
         s, t = _selected(straight, rank), _selected(out, rank)
         assert len(_same_selection(s, t)) == len(_approx_layers(s))

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from .test_train_single import _load_train_module, clean_env  # noqa: F401 (a fixture)
-from .train_utils import TINY_FLAGS, read_metrics, run_train, show, train_losses
+from .train_utils import TINY_FLAGS, assert_losses_match, assert_same_adapter, read_metrics, run_train, show, train_losses
 
 # micro-batch 8 on each rank of one TP pair = the single-process fixtures' batches (DP=1).
 TP_RUN = ["--micro-batch", "8", "--max-steps", "20", "--refresh-every", "4", "--save-every", "10",
@@ -131,16 +131,10 @@ def test_tp_resume_from_checkpoint_is_identical(tp_celora, tmp_path):
     proc = run_train(args + ["--output-dir", str(out), "--resume", str(out)], nproc=2)
     assert proc.returncode == 0, show(proc)
     assert "resumed at step 10" in proc.stdout
-    a = load_file(straight / "adapter" / "adapter_model.safetensors")
-    b = load_file(out / "adapter" / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-7, msg=key)
-    expected = {r["step"]: r["loss"] for r in read_metrics(straight) if "eval" not in r}
+    assert_same_adapter(straight, out)
     resumed = [r for r in read_metrics(out) if "eval" not in r]
     assert [r["step"] for r in resumed] == list(range(10, 20))
-    for r in resumed:
-        assert r["loss"] == pytest.approx(expected[r["step"]], rel=0, abs=1e-6)
+    assert_losses_match(straight, resumed)
     for rank in (0, 1):
         s, t = (torch.load(d / "celora_state" / f"rank{rank}.pt", weights_only=False) for d in (straight, out))
         assert all(s[n]["step"] == t[n]["step"] == 20 for n in s)

@@ -123,3 +123,24 @@ def train_losses(output_dir: Path) -> list[float]:
 
 def show(proc: subprocess.CompletedProcess) -> str:
     return f"rc={proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+
+
+def assert_same_adapter(a_dir: Path, b_dir: Path, atol: float = 1e-7) -> None:
+    """The PEFT adapters two runs wrote hold the same tensors (a resume reproduces a straight run)."""
+    import torch
+    from safetensors.torch import load_file
+
+    a = load_file(Path(a_dir) / "adapter" / "adapter_model.safetensors")
+    b = load_file(Path(b_dir) / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=atol, msg=key)
+
+
+def assert_losses_match(straight_dir: Path, rows: list[dict], atol: float = 1e-6) -> None:
+    """Each metrics row of a resumed run has the straight run's loss for the same step."""
+    import pytest
+
+    expected = {r["step"]: r["loss"] for r in read_metrics(straight_dir) if "eval" not in r}
+    for r in rows:
+        assert r["loss"] == pytest.approx(expected[r["step"]], rel=0, abs=atol), r["step"]
