@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .config import AUTO, SCORE_MODES, num_kept
 from .kernels import grad_input, gradient_scores
-from .selection import RelErrorMeter, choose_k, complement_of, select_indices
+from .selection import RelErrorMeter, complement_of, next_adaptive_k, select_indices
 
 # Row block for the one-off residual norm computation: bounds the fp32 temporary to
 # _ROW_BLOCK × n instead of a full m × n copy of W0.
@@ -271,22 +271,10 @@ class CELoRALinear(nn.Module):
         self.step += 1
 
     def _adaptive_k(self, ref_sq: float) -> int:
-        """k for the error budget from this refresh step's exact G (DP-synced when on).
-
-        The estimate is calibrated by the error measured for the indices in use, and
-        k shrinks at most halfway to a smaller candidate per refresh (grows at once).
-        """
+        """k for the error budget from this refresh step's exact G (DP-synced when on)."""
         score_sq = self._pending_colsq.to(self.ws_row_sq.device) * self.ws_row_sq
-        calibration = 1.0
-        if self.selected is not None and self.error.last_step == self.step:
-            dropped = float(score_sq[self.complement].sum())
-            if dropped > 0 and self.error.last > 0:
-                estimate = (dropped / ref_sq) ** 0.5
-                calibration = min(4.0, max(0.5, self.error.last / estimate))
-        candidate = choose_k(score_sq, ref_sq, self.error_budget, calibration)
-        if self.selected is not None and candidate < self.k:
-            candidate = math.ceil((self.k + candidate) / 2)
-        return candidate
+        measured = self.error.last if self.error.last_step == self.step else None
+        return next_adaptive_k(score_sq, ref_sq, self.error_budget, self.k, self.complement, measured)
 
     def set_selected(self, selected: Tensor | None) -> None:
         """Install kept output features (sorted LongTensor of length k) or None for exact."""

@@ -8,6 +8,7 @@ the new indices (after summing the scores over the data-parallel group when
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
@@ -119,6 +120,29 @@ def choose_k(score_sq: Tensor, ref_sq: float, budget: float, calibration: float 
     est = calibration * (tail.clamp_min(0) / ref_sq).sqrt()
     ok = (est[1:] <= budget).nonzero()
     return int(ok[0]) + 1 if ok.numel() else m
+
+
+def next_adaptive_k(score_sq: Tensor, ref_sq: float, budget: float, k: int, dropped: Tensor | None,
+                    measured: float | None) -> int:
+    """Adaptive keep's k for the next interval, from one refresh step's exact scores.
+
+    ``k``/``dropped``: the kept count and the dropped features (indices or a mask)
+    of the selection in use, ``dropped`` None while the layer ran exact;
+    ``measured``: the relative error measured for that selection on this step (None
+    if not measured). The tail-mass estimate is calibrated by measured/estimated,
+    and k shrinks at most halfway to a smaller candidate per refresh (grows at once).
+    A pure function of its inputs, so every rank that feeds it the same (synced or
+    gathered) scores picks the same k.
+    """
+    calibration = 1.0
+    if dropped is not None and measured is not None and measured > 0:
+        dropped_sq = float(score_sq[dropped].sum())
+        if dropped_sq > 0:
+            calibration = min(4.0, max(0.5, measured / (dropped_sq / ref_sq) ** 0.5))
+    candidate = choose_k(score_sq, ref_sq, budget, calibration)
+    if dropped is not None and candidate < k:
+        candidate = math.ceil((k + candidate) / 2)
+    return candidate
 
 
 def _all_reduce_scores(layers: list["CELoRALinear"], group: Any) -> None:

@@ -10,7 +10,8 @@ references computed without torch.distributed:
 * model level: a tiny Llama at TP=2 vs the plain CE-LoRA model (TP=1) over 4 SGD
   steps with refresh_every=2 — losses and LoRA gradients gathered to PEFT shapes,
   in exact mode and in CE-LoRA mode (the TP=1 column layers get the union of the
-  per-shard top-k, set explicitly); the exported adapter loads in peft.
+  per-shard top-k, set explicitly), and with adaptive keep (no help: both runs must
+  choose the same k and rows); the exported adapter loads in peft.
 
 fp32 tolerance 1e-5 (relative to each tensor's max magnitude; 3e-5 for model
 gradients after several SGD steps): only summation order differs between TP=2
@@ -273,11 +274,15 @@ def test_layer_matches_reference_formula(layer_runs, kind, dropout):
 
 # ----------------------------------------------------------------------------- model level
 MODEL_STEPS, LR = 4, 0.5
+AUTO_BUDGET = 0.3  # adaptive keep: loose enough that most layers drop features
 
 
 def _model_cfg(mode: str) -> CELoRAConfig:
     if mode == "exact":
         return CELoRAConfig(r=4, alpha=8, r0=4, keep={}, exact=ALL_PROJ, refresh_every=2)
+    if mode == "auto":
+        return CELoRAConfig(r=4, alpha=8, r0=4, keep={p: "auto" for p in ALL_PROJ}, exact=(), refresh_every=2,
+                            error_budget=AUTO_BUDGET)
     return CELoRAConfig(r=4, alpha=8, r0=4, keep={p: 0.5 for p in ALL_PROJ}, exact=(), refresh_every=2)
 
 
@@ -297,12 +302,15 @@ def _sgd(model):
     return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
 
 
+MODEL_MODES = ("exact", "celora", "auto")
+
+
 def _model_worker(rank: int, out_dir: str, tp_group, dp_group) -> None:
-    for mode in ("exact", "celora"):
+    for mode in MODEL_MODES:
         model, ids = _build_model(mode)
         parallelize_celora(model, tp_group)
         opt = _sgd(model)
-        rec = {"loss": [], "grads": [], "selected": []}
+        rec = {"loss": [], "grads": [], "selected": [], "full_k": []}
         for _ in range(MODEL_STEPS):
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
@@ -311,6 +319,8 @@ def _model_worker(rank: int, out_dir: str, tp_group, dp_group) -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
             on_optimizer_step(model, dp_group)
+            rec["full_k"].append({name: layer.full_k for name, layer in tp_layers(model)
+                                  if layer.parallel_mode == "column"})
             rec["selected"].append({
                 name: None if layer.selected is None else
                 (layer.global_selected() if layer.parallel_mode == "column" else layer.selected).clone()
@@ -365,8 +375,10 @@ def model_runs(tp_runs):
     return tp_runs
 
 
-@pytest.mark.parametrize("mode", ["exact", "celora"])
+@pytest.mark.parametrize("mode", MODEL_MODES)
 def test_tp2_equals_tp1_losses_grads_and_selection(model_runs, mode):
+    """auto: adaptive keep at TP=2 chooses what one process would (column layers: the
+    union of the ranks' rows of a global top-k), so the runs stay equal."""
     ranks = [torch.load(model_runs / f"model_{mode}_rank{r}.pt") for r in range(WORLD)]
     assert set(ranks[0]["modes"].values()) == {"column", "row"}
     assert all(ranks[0]["modes"][n] == "row" for n in ranks[0]["modes"] if n.endswith(("o_proj", "down_proj")))
@@ -374,6 +386,7 @@ def test_tp2_equals_tp1_losses_grads_and_selection(model_runs, mode):
     model, ids = _build_model(mode)  # the TP=1 reference: the plain CE-LoRA model, this process
     opt = _sgd(model)
     layers = dict(celora_layers(model))
+    counts: dict[str, list[int]] = {}  # auto: per-rank kept rows of column layers
     for step in range(MODEL_STEPS):
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
@@ -388,10 +401,29 @@ def test_tp2_equals_tp1_losses_grads_and_selection(model_runs, mode):
         opt.step()
         opt.zero_grad(set_to_none=True)
         on_optimizer_step(model)
-        assert bool(pending) == (mode == "celora" and step % 2 == 0)
+        assert bool(pending) == (mode != "exact" and step % 2 == 0)
         for name, colsq in pending.items():
             layer, what = layers[name], f"{mode} step {step} {name}"
             tp_sel = [run["selected"][step][name] for run in ranks]
+            if mode == "auto":
+                if layer.selected is None:  # k = m: every rank runs exact
+                    assert tp_sel == [None, None], what
+                elif ranks[0]["modes"][name] == "row":
+                    assert torch.equal(tp_sel[0], tp_sel[1]) and torch.equal(tp_sel[0], layer.selected), what
+                else:
+                    # each rank's rows of the global top-k; a rank with none keeps its best row
+                    rows, score = layer.out_features // WORLD, colsq * layer.ws_row_sq
+                    expected = [layer.selected[(layer.selected >= t * rows) & (layer.selected < (t + 1) * rows)]
+                                for t in range(WORLD)]
+                    expected = [e if e.numel() else topk_indices(score[t * rows:(t + 1) * rows], 1) + t * rows
+                                for t, e in enumerate(expected)]
+                    got = [torch.arange(t * rows, (t + 1) * rows) if sel is None else sel  # None: all its rows
+                           for t, sel in enumerate(tp_sel)]
+                    assert all(torch.equal(g, e) for g, e in zip(got, expected)), what
+                    counts[name] = [len(e) for e in expected]
+                    assert all(run["full_k"][step][name] == sum(counts[name]) for run in ranks), what
+                    layer.set_selected(torch.cat(expected))  # differs from the TP=1 choice only by that rule
+                continue
             if ranks[0]["modes"][name] == "row":
                 # both TP ranks hold the identical selection, the global top-k
                 assert torch.equal(tp_sel[0], tp_sel[1]), what
@@ -404,11 +436,16 @@ def test_tp2_equals_tp1_losses_grads_and_selection(model_runs, mode):
                                       + t * rows for t in range(WORLD)])
                 assert torch.equal(torch.cat(tp_sel).sort().values, expected), what
                 layer.set_selected(expected)  # the TP=1 reference uses the same indices
-    if mode == "celora":  # the approximation was really used, and measured alike
+    if mode == "auto":  # adaptive keep really dropped features, unevenly over the column shards
+        assert any(1 <= layer.k < layer.out_features for layer in layers.values())
+        assert any(a != b for a, b in counts.values()), counts
+    if mode != "exact":  # the approximation was really used, and measured alike
         ref_tel = telemetry(model)
-        # layer 0's q/k/v get no input gradient (frozen embeddings): no dX to measure
         measured = {n for n, e in ref_tel.items() if e["rel_error"] is not None}
-        assert len(measured) == len(ref_tel) - 3
+        if mode == "celora":
+            # layer 0's q/k/v get no input gradient (frozen embeddings): no dX to measure
+            assert len(measured) == len(ref_tel) - 3
+        assert measured
         for run in ranks:
             for name, entry in ref_tel.items():
                 got = run["telemetry"][name]["rel_error"]

@@ -10,6 +10,7 @@ with tensor parallelism (TP=2 on 2 ranks, so DP=1), on CPU/gloo.
 - Resume under TP: a run restarted from the step-10 checkpoint ends with the identical adapter
   and the identical losses for steps 10..19.
 - TP=2 x ZeRO-2 in exact mode (--method lora): losses and adapter equal the single-process run.
+- TP=2 with adaptive keep: the logged chosen k is the full layer's, matching both ranks' selections.
 - TP + ZeRO-3 (and other bad TP settings) fail before any work, naming the config.
 """
 from __future__ import annotations
@@ -156,6 +157,33 @@ def test_tp2_zero2_exact_mode_equals_single_process_lora(assets, single_lora, tm
     for key in a:
         assert b[key].shape == a[key].shape, key
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_tp2_adaptive_keep_logs_the_full_layers_choice(assets, tmp_path):
+    """--keep auto under TP: k is chosen per full layer. Row layers hold one selection on both
+    ranks; a column layer's logged chosen_k is the rows kept by both ranks together, of m."""
+    out = tmp_path / "tp2_auto"
+    proc = run_train(["--model", str(assets["model"]), "--data", str(assets["mc"]), *TINY_FLAGS,
+                      "--micro-batch", "8", "--max-steps", "5", "--refresh-every", "4", "--keep", "auto",
+                      "--error-budget", "0.3", "--dump-celora-state", "--deepspeed_config",
+                      "ds_configs/tp2_zero1.json", "--output-dir", str(out)], nproc=2)
+    assert proc.returncode == 0, show(proc)
+    assert all(math.isfinite(x) for x in train_losses(out))
+    chosen = {r["step"]: r for r in read_metrics(out) if "chosen_k" in r}
+    assert sorted(chosen) == [0, 4]  # the refresh steps
+    full_m = {"v_proj": 32, "o_proj": 64, "up_proj": 96, "down_proj": 64}
+    r0, r1 = (torch.load(out / "celora_state" / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    last = chosen[4]
+    assert len(last["chosen_k"]) == 8  # v, o, up, down of both blocks
+    for name, k in last["chosen_k"].items():
+        m = full_m[name.rsplit(".", 1)[-1]]
+        assert 1 <= k <= m and last["chosen_keep"][name] == round(k / m, 4), name
+        s0, s1 = r0[name]["selected"], r1[name]["selected"]
+        if name.endswith(ROW_PARALLEL):
+            assert (s0 is None and s1 is None and k == m) or (torch.equal(s0, s1) and len(s0) == k), name
+        else:  # each rank holds its own rows of the global choice (None: all m/2 of them)
+            assert sum(m // 2 if s is None else len(s) for s in (s0, s1)) == k, name
+    assert any(k < full_m[n.rsplit(".", 1)[-1]] for n, k in last["chosen_k"].items())
 
 
 # ---- bad TP settings fail before any work -------------------------------------------------------

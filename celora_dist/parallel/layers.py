@@ -8,7 +8,9 @@ ceil(keep·m/tp) of ITS rows; its partial
     dX_t = G_t[:, I_t] W0_t[I_t] + (G_t[:, Ī_t] B0_t[Ī_t]) A0 + s (G_t B_t) A
 
 sums over TP to the CE-LoRA dX of the full layer with I = ∪ I_t — the same
-all-reduce plain column parallelism needs. A is replicated but each rank sees only
+all-reduce plain column parallelism needs. Adaptive keep instead chooses k over
+all shards' scores (one all-gather per refresh) and each rank keeps its rows of
+that global top-k, so the union is what one process would choose. A is replicated but each rank sees only
 its G rows, so dA = s Σ_t (G_t B_t)ᵀ x is summed over TP in the same collective.
 
 Row-parallel (o/down): rank t owns input columns [t·n/tp, ...) of W0, A0 and LoRA A;
@@ -39,7 +41,7 @@ from torch import Tensor, nn
 
 from ..config import num_kept
 from ..layer import CELoRALinear, _CELoRAFunction, local_backward
-from ..selection import RelErrorMeter
+from ..selection import RelErrorMeter, next_adaptive_k, topk_indices
 from .comm import ReduceGradOverTP, all_gather_cat, all_reduce_many, broadcast_, group_rank, group_size
 
 _ROW_BLOCK = 2048  # bounds the fp32 temporary of the residual-norm computation
@@ -106,19 +108,20 @@ class _ColumnFunction(_CELoRAFunction):
     def backward(ctx, grad_out):
         layer: ColumnParallelCELoRALinear = ctx.layer
         dX, approx, dXd, dA, dB = local_backward(ctx, grad_out)
+        measure = dX is not None and layer.refresh_due()  # ‖dX‖² feeds telemetry and adaptive keep
         todo: dict[str, Tensor] = {}
         if dX is not None and ctx.fused:
             todo["dX"] = dX
+        if measure and not ctx.fused:
+            todo["exact"] = dX
         if approx is not None:
             todo["approx"] = approx
-            if not ctx.fused:
-                todo["exact"] = dX
         if dA is not None:
             todo["dA"] = dA
         if todo:
             done = all_reduce_many(todo, layer.tp_group)
-            if approx is not None:
-                layer.error.add(done["dX" if ctx.fused else "exact"], done["approx"])
+            if measure:
+                layer.error.add(done["dX" if ctx.fused else "exact"], done.get("approx"))
             if ctx.fused and dX is not None:
                 dX = done["dX"]
             # a private copy: a view would pin the whole flat buffer (T×n) to .grad
@@ -151,7 +154,7 @@ class _RowFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         layer: RowParallelCELoRALinear = ctx.layer
         dX, approx, dXd, dA, dB = local_backward(ctx, grad_out)
-        if approx is not None:
+        if dX is not None and layer.refresh_due():
             layer.error.add(dX, approx)  # shard sums; combined over TP in _finish_step
         if dX is not None:
             dX = dX.view(ctx.x_shape)
@@ -188,11 +191,8 @@ class _TPCELoRALinear(CELoRALinear):
         if any(hasattr(p, "ds_id") for p in full.parameters()):
             raise ValueError("tensor-parallel CE-LoRA does not support ZeRO-3 partitioned weights "
                              "(DeepSpeed TP trains with ZeRO stages 0-2)")
-        if full.adaptive:
-            raise ValueError(f"{full.name or 'layer'}: keep='auto' is not supported with tensor "
-                             "parallelism yet; give a fixed keep ratio")
         nn.Module.__init__(self)
-        self.adaptive, self.error_budget = False, full.error_budget
+        self.adaptive, self.error_budget = full.adaptive, full.error_budget
         self.tp_group = tp_group
         self.tp_size = group_size(tp_group)
         self.tp_rank = group_rank(tp_group)
@@ -250,7 +250,8 @@ class ColumnParallelCELoRALinear(_TPCELoRALinear):
     """Output rows sharded over TP; per-shard selection; see the module docstring.
 
     ``in_features``/``out_features``, ``k`` and ``selected`` are LOCAL (selected
-    indexes this rank's rows); ``full_out_features`` is m.
+    indexes this rank's rows); ``full_out_features`` is m and ``full_k`` the kept
+    rows of all ranks together.
     """
 
     parallel_mode = "column"
@@ -263,8 +264,9 @@ class ColumnParallelCELoRALinear(_TPCELoRALinear):
         rows = slice(t * m_l, (t + 1) * m_l)
         base = full.base_layer
         self.in_features, self.out_features = full.in_features, m_l
-        self.k = m_l if full.is_exact else num_kept(self.keep, m_l)
-        self.is_exact = self.k == m_l
+        self.k = m_l if full.is_exact or full.adaptive else num_kept(self.keep, m_l)
+        self.is_exact = self.k == m_l and not full.adaptive
+        self.full_k = self.k * tp  # kept rows over all ranks (adaptive: set on each refresh)
         bias = None if base.bias is None else _own(base.bias[rows])
         self.base_layer = _frozen_linear(_own(base.weight[rows]), bias)
         self.lora_A = _lora_linear(_own(full.lora_A.weight))
@@ -288,6 +290,42 @@ class ColumnParallelCELoRALinear(_TPCELoRALinear):
             x, xd, self.base_layer.weight, self.base_layer.bias,
             self.lora_A.weight, self.lora_B.weight, self.B0, self.A0, self,
         )
+
+    def _finish_step(self) -> None:
+        if not self.adaptive or self._pending_colsq is None:
+            super()._finish_step()
+            return
+        # Adaptive keep: the error budget is the full layer's, so k is chosen over the
+        # scores of ALL shards (one all-gather of [scores | kept mask], m floats) and
+        # each rank keeps its rows of the global top-k: ranks may keep different counts.
+        ref_sq = self.error.ref_sq  # of the TP-summed dX: the same on every TP rank
+        self.error.finish(self.step)
+        m_l, t = self.out_features, self.tp_rank
+        score_sq = self._pending_colsq.to(self.ws_row_sq.device) * self.ws_row_sq
+        kept = torch.ones(m_l, dtype=score_sq.dtype, device=score_sq.device)
+        if self.selected is not None:
+            kept[self.complement] = 0
+        both = all_gather_cat(torch.stack([score_sq, kept]), 1, self.tp_group)
+        scores, kept = both[0], both[1] > 0
+        k_global, m = int(kept.sum()), scores.numel()
+        if ref_sq > 0:
+            dropped = ~kept if k_global < m else None
+            measured = self.error.last if self.error.last_step == self.step else None
+            k_global = next_adaptive_k(scores, ref_sq, self.error_budget, k_global, dropped, measured)
+        selected, self.full_k = None, m
+        if k_global < m:
+            chosen = topk_indices(scores, k_global)
+            shard = torch.div(chosen, m_l, rounding_mode="floor")
+            # a rank with no share keeps its best row: no rank runs an empty gather/GEMM
+            self.full_k = int(torch.bincount(shard, minlength=self.tp_size).clamp_min(1).sum())
+            selected = chosen[shard == t] - t * m_l
+            if selected.numel() == 0:
+                selected = topk_indices(score_sq, 1)
+            elif selected.numel() == m_l:
+                selected = None
+        self.set_selected(selected)
+        self._pending_colsq = None
+        self.step += 1
 
     def gather_lora(self, grads: bool = False) -> tuple[Tensor, Tensor]:
         A = self._value(self.lora_A.weight, grads)
@@ -350,9 +388,12 @@ class RowParallelCELoRALinear(_TPCELoRALinear):
         sums = all_reduce_many({"s": sums}, self.tp_group)["s"]
         self.error.err_sq, self.error.ref_sq = float(sums[0]), float(sums[1])
         super()._finish_step()
-        selected = self.selected.clone()
-        broadcast_([selected], self.tp_group)  # identical I on every TP rank, by construction
-        self.set_selected(selected)
+        # identical I on every TP rank, by construction: the first rank's kept mask wins
+        # (a mask, not the indices: adaptive keep may choose another k, or none, elsewhere)
+        kept = torch.zeros(self.out_features, dtype=torch.uint8, device=self.base_layer.weight.device)
+        kept[self.selected if self.selected is not None else slice(None)] = 1
+        broadcast_([kept], self.tp_group)
+        self.set_selected(None if bool(kept.all()) else kept.nonzero().flatten())
 
     def gather_lora(self, grads: bool = False) -> tuple[Tensor, Tensor]:
         A = all_gather_cat(self._value(self.lora_A.weight, grads), 1, self.tp_group)

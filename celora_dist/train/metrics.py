@@ -89,7 +89,9 @@ def celora_record(model, step: int) -> dict[str, Any]:
     heads = [name for name, m in scheduled_modules(model) if isinstance(m, VocabSparseLMHead) and name in errors]
     if heads:
         record["head_rel_error"] = errors[heads[0]]
-    chosen = {name: (m.k, m.out_features) for name, m in scheduled_modules(model)
+    # the full layer's k and m (a column-parallel TP layer's own are its shard's)
+    chosen = {name: (getattr(m, "full_k", m.k), getattr(m, "full_out_features", m.out_features))
+              for name, m in scheduled_modules(model)
               if getattr(m, "adaptive", False) and step % m.refresh_every == 0 and m.step == step + 1}
     if chosen:
         record["chosen_k"] = {name: k for name, (k, _) in chosen.items()}
