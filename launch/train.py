@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
         "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
         "zero_shot_accuracy": (zero_shot or {}).get("accuracy"),
         "accuracy": (final or {}).get("accuracy"), "eval_loss": (final or {}).get("eval_loss"),
+        "majority_rate": (final or zero_shot or {}).get("majority_rate"),
         "eval_examples": len(eval_records), "adapter": str(output_dir / "adapter"),
     }
     if is_main:

@@ -62,3 +62,5 @@ def test_evaluate_equals_per_sequence_reference(assets, mc_format):
     assert got["eval_examples"] == len(records)
     assert got["accuracy"] == pytest.approx(accuracy, abs=1e-12)
     assert got["eval_loss"] == pytest.approx(loss, rel=1e-4)
+    labels = [r["label"] for r in records]
+    assert got["majority_rate"] == max(labels.count(c) for c in set(labels)) / len(records)

@@ -67,9 +67,16 @@ def zero3_sync(assets, tmp_path_factory):
     return out, port
 
 
-def test_zero2_loss_falls_and_unsynced_indices_differ(zero2_nosync):
+def test_zero2_loss_falls_and_unsynced_indices_differ(assets, zero2_nosync):
+    from celora_dist.train.data import read_records, split_records
+
     out, _ = zero2_nosync
     _loss_falls(train_losses(out))
+    # the held-out questions are split over the 2 ranks: counts are summed before the ratios
+    final = [r for r in read_metrics(out) if r.get("eval") == "final"][0]
+    labels = [r["label"] for r in split_records(read_records(assets["mc"], "letter"), 0.1)[1]]
+    assert final["eval_examples"] == len(labels) == 48
+    assert final["majority_rate"] == max(labels.count(c) for c in set(labels)) / len(labels)
     r0, r1 = _selected(out, 0), _selected(out, 1)
     approx = _approx_layers(r0)
     assert len(approx) == 8  # v/o/up/down of both blocks

@@ -122,17 +122,28 @@ def test_accuracy_bench_smoke(assets, tmp_path):
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]]
     assert header == ["task", "method", "accuracy", "std", "delta_vs_lora", "delta_std", "seeds", "final_loss",
-                      "train_s", "layer_err", "head_err", "mean_keep"]
-    assert [r["method"] for r in rows] == ["zero-shot", "lora", "celora", "celora-auto",
+                      "eval_loss", "train_s", "layer_err", "head_err", "mean_keep"]
+    assert [r["method"] for r in rows] == ["zero-shot", "majority", "lora", "celora", "celora-auto",
                                           "celora-head0.2", "celora-head0.5"]
     for r in rows:
         assert 0.0 <= float(r["accuracy"]) <= 1.0
-    for r in rows[1:]:
+    for r in rows[2:]:
         assert r["seeds"] == "2"
-        for col in ("std", "delta_vs_lora", "final_loss", "train_s"):
+        for col in ("std", "delta_vs_lora", "final_loss", "eval_loss", "train_s"):
             assert math.isfinite(float(r[col])), (col, r)
-    assert float(rows[1]["delta_vs_lora"]) == 0.0
     by = {r["method"]: r for r in rows}
+    assert float(by["lora"]["delta_vs_lora"]) == 0.0
+    # the floors' deltas are against LoRA's mean accuracy
+    for floor in ("zero-shot", "majority"):
+        assert float(by[floor]["delta_vs_lora"]) == pytest.approx(
+            float(by[floor]["accuracy"]) - float(by["lora"]["accuracy"]), abs=2e-4)
+    assert float(by["majority"]["accuracy"]) >= 0.25  # at least one of <= 4 choices' share
+    # the same --out with another setting is refused before any training
+    other = subprocess.run(cmd + ["--error-budget", "0.7"], cwd=REPO, env=env(), capture_output=True, text=True,
+                           timeout=600)
+    assert other.returncode != 0 and "$ " not in other.stderr, show(other)
+    assert "celora-auto seed 0 run with other settings" in other.stderr, show(other)
+    assert "only now: ['0.7']" in other.stderr, show(other)
     assert by["lora"]["layer_err"] == "-" and by["lora"]["head_err"] == "-"  # everything exact
     assert 0.0 < float(by["celora"]["layer_err"]) < 1.5
     # fewer vocabulary rows kept, larger head error (same seeds, same data)

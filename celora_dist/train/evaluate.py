@@ -84,7 +84,8 @@ def _score_example(model, tokenizer, record: dict, seq_len: int, device,
 
 
 def evaluate(model, tokenizer, records: list[dict], seq_len: int, device, group=None) -> dict[str, float]:
-    """Accuracy (multiple-choice records) and mean answer-token loss over ``records``.
+    """Accuracy (multiple-choice records), mean answer-token loss over ``records``, and
+    ``majority_rate``: the accuracy of always picking the most frequent gold choice.
 
     ``group``: the data-parallel group the examples are split over (default: the
     world). With tensor parallelism pass the DP group: the ranks of a TP group must
@@ -96,6 +97,8 @@ def evaluate(model, tokenizer, records: list[dict], seq_len: int, device, group=
     was_training = model.training
     model.eval()
     correct = counted = nll = ntok = 0.0
+    n_choices = max((len(r["choices"]) for r in records if r["choices"]), default=0)
+    labels = torch.zeros(n_choices, dtype=torch.float64)  # gold-label counts: the majority baseline
     choice_forward = _needs_choice_forward(tokenizer, records)
     try:
         for rec in mine:
@@ -107,13 +110,16 @@ def evaluate(model, tokenizer, records: list[dict], seq_len: int, device, group=
             if rec["choices"]:
                 counted += 1
                 correct += pred == rec["label"]
+                labels[rec["label"]] += 1
     finally:
         model.train(was_training)
-    totals = torch.tensor([correct, counted, nll, ntok], dtype=torch.float64)
+    totals = torch.cat([torch.tensor([correct, counted, nll, ntok], dtype=torch.float64), labels])
     if dist.is_initialized() and world > 1:
         dist.all_reduce(totals, group=group)
-    correct, counted, nll, ntok = totals.tolist()
+    correct, counted, nll, ntok = totals[:4].tolist()
     out = {"eval_loss": nll / max(ntok, 1), "eval_examples": len(records)}
     if counted:
         out["accuracy"] = correct / counted
+        # always answering the most frequent gold choice: the floor a fine-tune must beat
+        out["majority_rate"] = float(totals[4:].max()) / counted
     return out
