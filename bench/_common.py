@@ -37,6 +37,14 @@ def interleaved_medians(cases: dict[str, Callable[[], object]], repeats: int, de
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def iqr(values: list[float]) -> float:
+    """Interquartile range: the spread to read a median against (0 for one sample)."""
+    if len(values) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q3 - q1
+
+
 def markdown_table(rows: list[dict], columns: list[str], formats: dict[str, str]) -> str:
     """A markdown table of ``rows``; a NaN cell (nothing measured) prints as "-"."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

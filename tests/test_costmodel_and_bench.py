@@ -83,10 +83,11 @@ def test_head_benchmark_smoke():
 
 def test_end_to_end_benchmark_smoke():
     header, rows = table(run_smoke("end_to_end.py"))
-    assert header[:6] == ["method", "fwd_ms", "bwd_ms", "step_ms", "tokens_per_s", "speedup"]
+    assert header[:7] == ["method", "fwd_ms", "bwd_ms", "step_ms", "step_iqr_ms", "tokens_per_s", "speedup"]
     assert "ceiling" in header and "act_mem_mb" in header
     assert [r[0] for r in rows] == ["peft-lora-r16", "celora-released", "celora-auto"]
     for row in rows:
         cells = dict(zip(header, row))
-        for col in ("fwd_ms", "bwd_ms", "step_ms", "tokens_per_s", "speedup", "ceiling", "act_mem_mb"):
+        for col in ("fwd_ms", "bwd_ms", "step_ms", "step_iqr_ms", "tokens_per_s", "speedup", "ceiling",
+                    "act_mem_mb"):
             assert finite(cells[col]), (col, row)
