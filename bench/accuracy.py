@@ -198,8 +198,7 @@ def aggregate(task: str, results: dict[str, list[dict]], zero_shot: float | None
 
 FORMATS = {"accuracy": "{:.4f}", "std": "{:.4f}", "delta_vs_lora": "{:+.4f}", "delta_std": "{:.4f}",
            "seeds": "{}", "final_loss": "{:.3f}", "eval_loss": "{:.3f}", "train_s": "{:.1f}",
-           "layer_err": "{:.3f}",
-           "head_err": "{:.3f}", "mean_keep": "{:.3f}"}
+           "layer_err": "{:.3f}", "head_err": "{:.3f}", "mean_keep": "{:.3f}"}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

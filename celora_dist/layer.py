@@ -263,18 +263,22 @@ class CELoRALinear(nn.Module):
         if self._pending_colsq is not None:
             ref_sq = self.error.ref_sq
             self.error.finish(self.step)
-            if self.adaptive and ref_sq > 0:
-                self.k = self._adaptive_k(ref_sq)
-            self.set_selected(select_indices(self._pending_colsq, self.ws_row_sq, self.k, self.score)
-                              if self.k < self.out_features else None)
+            self.set_selected(self._next_selection(ref_sq))
             self._pending_colsq = None
         self.step += 1
 
-    def _adaptive_k(self, ref_sq: float) -> int:
-        """k for the error budget from this refresh step's exact G (DP-synced when on)."""
-        score_sq = self._pending_colsq.to(self.ws_row_sq.device) * self.ws_row_sq
-        measured = self.error.last if self.error.last_step == self.step else None
-        return next_adaptive_k(score_sq, ref_sq, self.error_budget, self.k, self.complement, measured)
+    def _next_selection(self, ref_sq: float) -> Tensor | None:
+        """The indices for the steps until the next refresh (None: exact), from this
+        refresh step's (DP-synced) scores; ``ref_sq`` = ‖dX_exact‖² of the step."""
+        if self.adaptive and ref_sq > 0:
+            self.k = next_adaptive_k(self._score_sq(), ref_sq, self.error_budget, self.k, self.complement,
+                                     self.error.measured_at(self.step))
+        return (select_indices(self._pending_colsq, self.ws_row_sq, self.k, self.score)
+                if self.k < self.out_features else None)
+
+    def _score_sq(self) -> Tensor:
+        """Gradient scores ‖G[:, i]‖²·‖Ws[i, :]‖² of the pending refresh step."""
+        return self._pending_colsq.to(self.ws_row_sq.device) * self.ws_row_sq
 
     def set_selected(self, selected: Tensor | None) -> None:
         """Install kept output features (sorted LongTensor of length k) or None for exact."""

@@ -93,6 +93,10 @@ class RelErrorMeter:
             self.err_sq += float((approx.float() - exact32).pow(2).sum())
             self.measured = True
 
+    def measured_at(self, step: int) -> float | None:
+        """The relative error published for ``step``, None if that step measured none."""
+        return self.last if self.last_step == step else None
+
     def finish(self, step: int) -> None:
         """Publish the step's relative error (if one was measured) and reset the sums."""
         if self.measured and self.ref_sq > 0:

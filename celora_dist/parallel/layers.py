@@ -10,8 +10,9 @@ ceil(keep·m/tp) of ITS rows; its partial
 sums over TP to the CE-LoRA dX of the full layer with I = ∪ I_t — the same
 all-reduce plain column parallelism needs. Adaptive keep instead chooses k over
 all shards' scores (one all-gather per refresh) and each rank keeps its rows of
-that global top-k, so the union is what one process would choose. A is replicated but each rank sees only
-its G rows, so dA = s Σ_t (G_t B_t)ᵀ x is summed over TP in the same collective.
+that global top-k, so the union is what one process would choose. A is replicated
+but each rank sees only its G rows, so dA = s Σ_t (G_t B_t)ᵀ x is summed over TP in
+the same collective.
 
 Row-parallel (o/down): rank t owns input columns [t·n/tp, ...) of W0, A0 and LoRA A;
 bias, B0 and LoRA B are replicated. The forward all-reduces [x_t W0_tᵀ | x_t A_tᵀ]
@@ -291,17 +292,15 @@ class ColumnParallelCELoRALinear(_TPCELoRALinear):
             self.lora_A.weight, self.lora_B.weight, self.B0, self.A0, self,
         )
 
-    def _finish_step(self) -> None:
-        if not self.adaptive or self._pending_colsq is None:
-            super()._finish_step()
-            return
+    def _next_selection(self, ref_sq: float) -> Tensor | None:
+        if not self.adaptive:
+            return super()._next_selection(ref_sq)
         # Adaptive keep: the error budget is the full layer's, so k is chosen over the
         # scores of ALL shards (one all-gather of [scores | kept mask], m floats) and
         # each rank keeps its rows of the global top-k: ranks may keep different counts.
-        ref_sq = self.error.ref_sq  # of the TP-summed dX: the same on every TP rank
-        self.error.finish(self.step)
+        # ref_sq is that of the TP-summed dX: the same on every TP rank.
         m_l, t = self.out_features, self.tp_rank
-        score_sq = self._pending_colsq.to(self.ws_row_sq.device) * self.ws_row_sq
+        score_sq = self._score_sq()
         kept = torch.ones(m_l, dtype=score_sq.dtype, device=score_sq.device)
         if self.selected is not None:
             kept[self.complement] = 0
@@ -310,22 +309,19 @@ class ColumnParallelCELoRALinear(_TPCELoRALinear):
         k_global, m = int(kept.sum()), scores.numel()
         if ref_sq > 0:
             dropped = ~kept if k_global < m else None
-            measured = self.error.last if self.error.last_step == self.step else None
-            k_global = next_adaptive_k(scores, ref_sq, self.error_budget, k_global, dropped, measured)
-        selected, self.full_k = None, m
-        if k_global < m:
-            chosen = topk_indices(scores, k_global)
-            shard = torch.div(chosen, m_l, rounding_mode="floor")
-            # a rank with no share keeps its best row: no rank runs an empty gather/GEMM
-            self.full_k = int(torch.bincount(shard, minlength=self.tp_size).clamp_min(1).sum())
-            selected = chosen[shard == t] - t * m_l
-            if selected.numel() == 0:
-                selected = topk_indices(score_sq, 1)
-            elif selected.numel() == m_l:
-                selected = None
-        self.set_selected(selected)
-        self._pending_colsq = None
-        self.step += 1
+            k_global = next_adaptive_k(scores, ref_sq, self.error_budget, k_global, dropped,
+                                       self.error.measured_at(self.step))
+        self.full_k = m
+        if k_global == m:
+            return None
+        chosen = topk_indices(scores, k_global)
+        shard = torch.div(chosen, m_l, rounding_mode="floor")
+        # a rank with no share keeps its best row: no rank runs an empty gather/GEMM
+        self.full_k = int(torch.bincount(shard, minlength=self.tp_size).clamp_min(1).sum())
+        selected = chosen[shard == t] - t * m_l
+        if selected.numel() == 0:
+            return topk_indices(score_sq, 1)
+        return None if selected.numel() == m_l else selected
 
     def gather_lora(self, grads: bool = False) -> tuple[Tensor, Tensor]:
         A = self._value(self.lora_A.weight, grads)
