@@ -7,7 +7,7 @@
 Same random-weight model shape, same batch, same optimizer, one run: the methods'
 steps are interleaved (warm-up and the first, exact refresh step excluded) and the
 median forward, backward and whole-step times are reported with tokens/s, the
-speed-up over PEFT LoRA r=16 and the FLOP ceiling of DESIGN.md §3 for that config
+speed-up over PEFT LoRA r=16 and the FLOP ceiling of docs/design.md §3 for that config
 and model (celora_dist.costmodel), plus activation memory: bytes saved for backward
 (CPU) or peak allocated (CUDA). Random weights suffice for timing: the work done
 does not depend on the values, only on k, which adaptive keep picks from G.
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def _mean_keep(model) -> float:
     """Average chosen keep of adaptive layers (for their FLOP ceiling), 0.6 if none yet."""
-    from celora_dist.selection import celora_layers
+    from celora_dist.layer import celora_layers
 
     keeps = [layer.k / layer.out_features for _, layer in celora_layers(model) if layer.adaptive]
     return sum(keeps) / len(keeps) if keeps else 0.6

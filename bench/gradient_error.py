@@ -6,7 +6,7 @@
 Each ablation fine-tunes through ``launch/train.py`` with the same data, seed and
 steps; the trainer measures, on every exact refresh step, the true relative error
 ‖dX_approx − dX‖ / ‖dX‖ of the indices then in use, per layer (metrics.jsonl
-``grad_rel_error``). Ablations (DESIGN.md §1; the paper's names):
+``grad_rel_error``). Ablations (docs/design.md §1; the paper's names):
 
 - ``full``: the released config, double-LoRA (r0 = 14) + top-k AMM by gradient score;
 - ``amm-only``: r0 = 0, the same keeps: plain top-k AMM of ``G @ W0``;

@@ -1,16 +1,18 @@
 """Layer-backward benchmark: CE-LoRA dX against the dense dX PEFT's LoRA backward computes.
 
-For each projection shape (m = out features, n = in features), token count T and keep
-ratio it times, interleaved in one run and reported as medians of ``--repeats``:
+Every method is the call a layer's backward makes (``celora_dist.layer.local_backward``):
+the low-rank operands from ``low_rank_operands`` — the one GEMM of G that dA needs
+anyway — then the dX op ``grad_input(G, W0, I, left, right)`` on one backend. For each
+projection shape (m = out features, n = in features), token count T and keep ratio it
+times, interleaved in one run and reported as medians of ``--repeats``:
 
-    dense   G @ W0 + L @ R                          (PEFT: base-layer dX + LoRA term)
-    torch   celora_dist.ops.amm.celora_grad_input   (the reference / CPU path)
-    triton  celora_grad_input_triton                (CUDA only)
+    dense   I = None, (left, right) = (s·G B, A)                       (an exact layer = PEFT's LoRA)
+    torch   I = top-k, (left, right) = (G [s·B | B0_Ī], [A ; A0]) on celora_dist.ops.amm.celora_grad_input
+    triton  the same on celora_grad_input_triton                       (CUDA only)
 
-and prints each speed-up over dense next to the FLOP ceiling m / (k + r0 + r) (DESIGN.md
-§3; 1.0 at keep 1.0, where the layer is exact and both paths are the dense GEMM) and
-the fraction of the ceiling achieved. L = s·G B is an input of both: the layer
-computes G B once for dA anyway. Example:
+and prints each speed-up over dense next to the FLOP ceiling m / (k + r0 + r)
+(docs/design.md §3; 1.0 at keep 1.0, where the layer is exact and both paths are the
+dense GEMM) and the fraction of the ceiling achieved. Example:
 
     python bench/layer_backward.py --device cpu              # scaled shapes, 1-2 min on 2 cores
     python bench/layer_backward.py --device cuda --shapes llama --dtype bf16
@@ -27,9 +29,9 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py, also when loaded by path
-from _common import interleaved_medians  # noqa: E402  (puts the checkout on sys.path too)
+from _common import interleaved_medians, markdown_table  # noqa: E402  (puts the checkout on sys.path too)
 
-
+from celora_dist.layer import low_rank_operands  # noqa: E402
 from celora_dist.ops.amm import celora_grad_input  # noqa: E402
 
 # (hidden, intermediate, kv width) of the LLaMA models the issue names.
@@ -78,21 +80,26 @@ def bench_case(m: int, n: int, T: int, keep: float, dtype: torch.dtype, device: 
 
     G, W0 = rnd(T, m), rnd(m, n, std=m ** -0.5)
     B0, A0 = rnd(m, R0, std=0.1), rnd(R0, n, std=0.1)
-    L, Rm = rnd(T, R, std=0.1), rnd(R, n, std=0.1)
+    lora_B, lora_A, s = rnd(m, R, std=0.1), rnd(R, n, std=0.1), 2.0
     k = math.ceil(keep * m)
+    sel = B0_dropped = None  # keep 1.0: the layer is exact (selected=None), as CELoRALinear runs it
     if k < m:
-        perm = torch.randperm(m, generator=g).to(device)
-        sel, comp = perm[:k].sort().values, perm[k:].sort().values
-        approx = (sel, comp, B0, A0)
-    else:  # keep 1.0: the layer is exact (selected=None), as CELoRALinear runs it
-        approx = (None, None, None, None)
+        sel = torch.randperm(m, generator=g)[:k].sort().values.to(device)
+        B0_dropped = B0.clone()
+        B0_dropped[sel] = 0  # the layer caches it per selection
+
+    def layer_call(fn, selected, dropped):
+        def call():
+            _, left, right = low_rank_operands(G, lora_B, lora_A, s, dropped, A0, True)
+            return fn(G, W0, selected, left, right)
+        return call
 
     methods = {
-        "dense": lambda: torch.mm(G, W0).addmm_(L, Rm),
-        "torch": lambda: celora_grad_input(G, W0, *approx, L, Rm),
+        "dense": layer_call(celora_grad_input, None, None),
+        "torch": layer_call(celora_grad_input, sel, B0_dropped),
     }
     if triton_fn is not None:
-        methods["triton"] = lambda: triton_fn(G, W0, *approx, L, Rm)
+        methods["triton"] = layer_call(triton_fn, sel, B0_dropped)
     # one warm-up round (and Triton autotuning) outside the timings
     result: dict[str, float] = interleaved_medians(methods, repeats, device.type, warmup=1)
     result["k"] = k
@@ -110,8 +117,7 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
     # CUDA, or any device under TRITON_INTERPRET=1 (slow; for checking this script on CPU)
     if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         from celora_dist.kernels.amm_triton import celora_grad_input_triton as triton_fn
-    print("| " + " | ".join(COLUMNS) + " |")
-    print("|" + "---|" * len(COLUMNS))
+    print(markdown_table([], list(COLUMNS), FORMATS))  # the header; rows follow as measured
     rows = []
     for model, proj, m, n, token_counts in plan(args.shapes, args.tokens):
         for T in token_counts:
@@ -128,19 +134,13 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
                     row[f"{name}_%ceil"] = 100 * ratio / ceiling
                 row["triton_err"] = res.get("triton_err", float("nan"))
                 rows.append(row)
-                print("| " + " | ".join(_fmt(c, row[c]) for c in COLUMNS) + " |", flush=True)
+                print(markdown_table([row], list(COLUMNS), FORMATS).splitlines()[-1], flush=True)
     return rows
 
 
-def _fmt(column: str, v: object) -> str:
-    """Times and errors to 4 significant digits (tiny smoke times too), ratios to 2 decimals."""
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "-"
-        if column.endswith("_ms") or column.endswith("_err"):
-            return f"{v:.4g}"
-        return f"{v:.2f}"
-    return str(v)
+# Times and errors to 4 significant digits (tiny smoke times too), ratios to 2 decimals.
+FORMATS = {c: ("{:.4g}" if c.endswith(("_ms", "_err")) else "{:.2f}")
+           for c in COLUMNS if c == "keep" or c.endswith(("_ms", "_err", "_x", "ceil", "ceiling"))}
 
 
 def _machine(device: str) -> str:

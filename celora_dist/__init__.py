@@ -8,7 +8,7 @@ from .adapters import load_adapter, merge_celora, save_adapter
 from .config import CELoRAConfig
 from .inject import inject_celora
 from .layer import CELoRALinear
-from .selection import celora_state_dict, load_celora_state_dict, on_optimizer_step, telemetry
+from .schedule import celora_state_dict, load_celora_state_dict, on_optimizer_step, telemetry
 
 __all__ = [
     "CELoRAConfig",

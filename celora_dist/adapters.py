@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import CELoRAConfig
-from .layer import _gathered
-from .selection import celora_layers
+from .layer import celora_layers
+from .zero import gathered
 
 PEFT_PREFIX = "base_model.model."
 
@@ -29,7 +29,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """LoRA tensors under PEFT's key names, gathered from ZeRO-3 partitions, on CPU."""
     state = {}
     for name, layer in celora_layers(model):
-        with _gathered([layer.lora_A.weight, layer.lora_B.weight]):
+        with gathered([layer.lora_A.weight, layer.lora_B.weight]):
             state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().cpu().clone()
             state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().cpu().clone()
     if not state:
@@ -111,7 +111,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         )
     for name, layer in layers.items():
         params = [layer.lora_A.weight, layer.lora_B.weight]
-        with torch.no_grad(), _gathered(params, modifier_rank=0):
+        with torch.no_grad(), gathered(params, modifier_rank=0):
             for ab, param in zip("AB", params):
                 src = state[f"{PEFT_PREFIX}{name}.lora_{ab}.weight"]
                 if src.shape != param.shape:

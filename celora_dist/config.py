@@ -1,6 +1,6 @@
 """CELoRAConfig: which layers to convert and how hard to approximate them.
 
-Defaults are the CE-LoRA authors' released configuration (DESIGN.md §1): q/k/gate
+Defaults are the CE-LoRA authors' released configuration (docs/design.md §1): q/k/gate
 exact, v/o at keep 0.55, up/down at keep 0.65, r = r0 = 14, rsLoRA alpha 32,
 index refresh every 200 optimizer steps.
 """
@@ -78,19 +78,14 @@ class CELoRAConfig:
         if self.score not in SCORE_MODES:
             raise ValueError(f"CELoRAConfig.score must be one of {SCORE_MODES}, got {self.score!r}")
         for name, value in self.keep.items():
-            if value == AUTO:
-                continue
-            if not isinstance(value, (int, float)) or not (0.0 < value <= 1.0) or math.isnan(value):
+            if value != AUTO and not is_fraction(value):
                 raise ValueError(
                     f"CELoRAConfig.keep[{name!r}] must be a fraction in (0, 1] (the share of output "
                     f"features kept) or 'auto', got {value!r}"
                 )
-        if not (isinstance(self.error_budget, (int, float)) and 0.0 <= self.error_budget < 1.0):
+        if not is_error_budget(self.error_budget):
             raise ValueError(f"CELoRAConfig.error_budget must be in [0, 1), got {self.error_budget!r}")
-        if self.head_keep is not None and (
-            not isinstance(self.head_keep, (int, float)) or not (0.0 < self.head_keep <= 1.0)
-            or math.isnan(self.head_keep)
-        ):
+        if self.head_keep is not None and not is_fraction(self.head_keep):
             raise ValueError(f"CELoRAConfig.head_keep must be None or a fraction in (0, 1], got {self.head_keep!r}")
         both = sorted(set(self.keep) & set(self.exact))
         if both:
@@ -102,7 +97,7 @@ class CELoRAConfig:
     @property
     def scaling(self) -> float:
         """LoRA scale s: alpha/sqrt(r) with rsLoRA, alpha/r otherwise."""
-        return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
+        return lora_scaling(self.alpha, self.r, self.rslora)
 
     @property
     def target_modules(self) -> list[str]:
@@ -119,6 +114,15 @@ class CELoRAConfig:
                 return value if value == AUTO else float(value)
         return None
 
+    def layer_kwargs(self, module_name: str) -> dict[str, Any]:
+        """Keyword arguments of ``CELoRALinear`` (and the TP layers) for a targeted module."""
+        keep = self.keep_for(module_name)
+        if keep is None:
+            raise ValueError(f"CELoRAConfig: {module_name!r} is not a target module ({self.target_modules})")
+        return dict(r=self.r, alpha=self.alpha, rslora=self.rslora, r0=self.r0, keep=keep, dropout=self.dropout,
+                    refresh_every=self.refresh_every, score=self.score, sync_indices=self.sync_indices,
+                    error_budget=self.error_budget, name=module_name)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["exact"] = list(self.exact)
@@ -131,6 +135,21 @@ class CELoRAConfig:
         if unknown:
             raise ValueError(f"CELoRAConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
         return cls(**dict(d))
+
+
+def is_fraction(value: Any) -> bool:
+    """The rule for every keep ratio (layers and LM head): a real number in (0, 1] (NaN fails)."""
+    return isinstance(value, (int, float)) and 0.0 < value <= 1.0
+
+
+def is_error_budget(value: Any) -> bool:
+    """The rule for an adaptive keep's error budget: a relative dX error in [0, 1)."""
+    return isinstance(value, (int, float)) and 0.0 <= value < 1.0
+
+
+def lora_scaling(alpha: float, r: int, rslora: bool) -> float:
+    """LoRA scale s: alpha/sqrt(r) with rsLoRA, alpha/r otherwise."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
 
 
 def num_kept(keep: float, m: int) -> int:

@@ -1,4 +1,4 @@
-"""FLOP cost model of DESIGN.md §3: what "fast" can mean for a config and a model.
+"""FLOP cost model of docs/design.md §3: what "fast" can mean for a config and a model.
 
 Counts the base-linear work per token, the part CE-LoRA changes: forward 2mn per
 linear, dense activation gradient 2mn (W0 is frozen: no weight gradient), and for an

@@ -3,7 +3,7 @@
 The head (vocab V × hidden d, frozen, often tied to the embedding) pays a dense
 ``dH = G_logits @ W_head`` in every backward. The logit gradient (softmax − one-hot)
 is heavy-tailed over the vocabulary, so keeping the top-k vocabulary rows by
-``‖G[:, v]‖·‖W[v, :]‖`` loses little (DESIGN.md §5: ~8% relative error at 10% of
+``‖G[:, v]‖·‖W[v, :]‖`` loses little (docs/design.md §5: ~8% relative error at 10% of
 the rows on SmolLM2-135M, where down_proj at keep 0.65 gives ~43%).
 
 Selection is per step, from the current backward's own G: the logit gradient is
@@ -18,17 +18,17 @@ approximation would have made is recorded for telemetry.
 """
 from __future__ import annotations
 
-import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import num_kept
-from .kernels import grad_input
-from .layer import _gathered
-from .ops.amm import gradient_scores
+from .config import is_fraction, num_kept
+from .kernels import grad_input, gradient_scores
+from .scheduled import ScheduledModule
 from .selection import RelErrorMeter, topk_indices
+from .zero import gathered
 
 
 class _VocabSparseHeadFunction(torch.autograd.Function):
@@ -57,20 +57,18 @@ class _VocabSparseHeadFunction(torch.autograd.Function):
         return approx.view(ctx.x_shape), None, None, None
 
 
-class VocabSparseLMHead(nn.Linear):
+class VocabSparseLMHead(ScheduledModule, nn.Linear):
     """Drop-in for a frozen LM head ``nn.Linear``: exact forward, top-k-row backward.
 
     It *shares* the head's weight Parameter (and keeps the name ``weight``), so a head
     tied to the input embedding stays tied and checkpoints keep their keys.
     """
 
-    _celora_scheduled = True  # driven by on_optimizer_step, reported by telemetry
-
     def __init__(self, head: nn.Linear, keep: float, measure_every: int = 200) -> None:
         nn.Module.__init__(self)
         if not isinstance(head, nn.Linear):
             raise TypeError(f"VocabSparseLMHead wraps nn.Linear, got {type(head).__name__}")
-        if not (0.0 < keep <= 1.0) or math.isnan(keep):
+        if not is_fraction(keep):
             raise ValueError(f"head_keep must be in (0, 1], got {keep!r}")
         if measure_every < 1:
             raise ValueError(f"measure_every must be a positive integer, got {measure_every!r}")
@@ -82,12 +80,10 @@ class VocabSparseLMHead(nn.Linear):
         self.k = num_kept(keep, self.out_features)
         self.is_exact = self.k == self.out_features
         self.measure_every = measure_every
-        self.sync_indices = False
-        with torch.no_grad(), _gathered([self.weight]):
+        with torch.no_grad(), gathered([self.weight]):
             w = self.weight.float()
             self.register_buffer("w_row_sq", (w * w).sum(dim=1), persistent=False)
         self.step = 0
-        self._pending_colsq = None  # per-step selection: nothing to finish at step end
         self.error = RelErrorMeter()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -96,9 +92,30 @@ class VocabSparseLMHead(nn.Linear):
     def measure_due(self) -> bool:
         return self.step % self.measure_every == 0
 
-    def _finish_step(self) -> None:
+    # -- the schedule contract (celora_dist/scheduled.py): per-step selection from the
+    # step's own G, so nothing is synced over data-parallel ranks and no index is kept
+    def pending_statistics(self) -> Tensor | None:
+        return None
+
+    def load_synced_statistics(self, stats: Tensor) -> None:
+        raise RuntimeError("VocabSparseLMHead has no statistics to sync (it selects per step)")
+
+    def finish_step(self) -> None:
         self.error.finish(self.step)
         self.step += 1
+
+    def telemetry(self) -> dict[str, Any] | None:
+        if self.is_exact:
+            return None
+        return {"rel_error": self.error.last, "step": self.error.last_step, "k": self.k,
+                "m": self.out_features, "kind": "lm_head", "k_chosen_at": None}
+
+    def schedule_state(self) -> dict[str, Any]:
+        return {"step": self.step, "selected": None}
+
+    def load_schedule_state(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.error = RelErrorMeter()
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, vocab={self.out_features}, keep={self.keep} (k={self.k})"

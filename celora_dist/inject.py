@@ -43,18 +43,14 @@ def inject_celora(model: nn.Module, cfg: CELoRAConfig, verbose: bool = True) -> 
     for p in model.parameters():
         p.requires_grad_(False)
 
-    targets = [(n, cfg.keep_for(n)) for n in linear_names if cfg.keep_for(n) is not None]
+    targets = [n for n in linear_names if cfg.keep_for(n) is not None]
     n_exact = n_approx = 0
     bar = tqdm(targets, desc="CE-LoRA: SVD of frozen weights", unit="layer", file=sys.stderr,
                disable=not verbose or len(targets) < 8, leave=False)
-    for name, keep in bar:
+    for name in bar:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = CELoRALinear(
-            getattr(parent, child), r=cfg.r, alpha=cfg.alpha, rslora=cfg.rslora, r0=cfg.r0,
-            keep=keep, dropout=cfg.dropout, refresh_every=cfg.refresh_every, score=cfg.score,
-            sync_indices=cfg.sync_indices, error_budget=cfg.error_budget, name=name,
-        )
+        layer = CELoRALinear(getattr(parent, child), **cfg.layer_kwargs(name))
         setattr(parent, child, layer)
         n_exact += layer.is_exact
         n_approx += not layer.is_exact

@@ -1,68 +1,84 @@
 """CELoRALinear: a LoRA linear whose activation gradient approximates ``G @ W0``.
 
 Forward is exactly LoRA's. Backward computes dA and dB exactly and dX by the
-no-Ws identity of DESIGN.md §1,
+no-Ws identity of docs/design.md §1,
 
     dX = G[:, I] W0[I] + (G[:, Ī] B0[Ī]) A0 + s·(G B) A,
 
 so besides W0 the layer stores only the rank-r0 factors B0 (m×r0), A0 (r0×n) and
 the m row norms ‖Ws[i, :]‖² of the residual Ws = W0 − B0 A0 — never Ws itself.
+The dX itself is one call of the op contract ``grad_input(G, W0, I, left, right)``
+(``celora_dist/ops/amm.py``); :func:`low_rank_operands` builds its (left, right).
 """
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import AUTO, SCORE_MODES, num_kept
+from .config import AUTO, SCORE_MODES, is_fraction, lora_scaling, num_kept
+from .factors import double_lora_factors
 from .kernels import grad_input, gradient_scores
+from .scheduled import ScheduledModule
 from .selection import RelErrorMeter, complement_of, next_adaptive_k, select_indices
-
-# Row block for the one-off residual norm computation: bounds the fp32 temporary to
-# _ROW_BLOCK × n instead of a full m × n copy of W0.
-_ROW_BLOCK = 2048
+from .zero import gathered
 
 
-def _gathered(params: list[Tensor], modifier_rank: int | None = None):
-    """Gather ZeRO-3 partitioned parameters (no-op for ordinary tensors).
+@dataclass(frozen=True)
+class LayerOptions:
+    """A CE-LoRA linear's hyper-parameters, validated once; carried over to TP shards."""
 
-    modifier_rank=None: read only; an int: that rank's writes are broadcast back.
+    r: int = 14
+    alpha: float = 32.0
+    rslora: bool = True
+    r0: int = 14
+    keep: float | str = 1.0
+    dropout: float = 0.0
+    refresh_every: int = 200
+    score: str = "gradient"
+    sync_indices: bool = True
+    error_budget: float = 0.3
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        where = self.name or "layer"
+        if self.keep != AUTO and not is_fraction(self.keep):
+            raise ValueError(f"keep for {where} must be in (0, 1] or 'auto', got {self.keep!r}")
+        if self.keep == AUTO and self.score != "gradient":
+            raise ValueError(f"keep='auto' for {where} needs score='gradient', got {self.score!r}")
+        if self.score not in SCORE_MODES:
+            raise ValueError(f"score must be one of {SCORE_MODES}, got {self.score!r}")
+
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`CELoRALinear` that rebuild these options."""
+        return asdict(self)
+
+
+def low_rank_operands(G: Tensor, lora_B: Tensor, lora_A: Tensor, scaling: float,
+                      B0_dropped: Tensor | None, A0: Tensor | None, lora_in_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(s·G B, left, right) for ``grad_input(G, W0, I, left, right)`` of a CE-LoRA backward.
+
+    ``left = G @ [s·B | B0_Ī]`` is ONE (T, r + r0) GEMM — the one LoRA needs for dA
+    anyway — with B0_Ī = B0 with the kept rows zeroed, so ``G B0_Ī = G[:, Ī] B0[Ī]``
+    without a (T, m − k) gather of G, a gather of B0 and a second GEMM; it costs
+    2Tk·r0 FLOPs more. On CPU it took SmolLM2-135M's CE-LoRA backward from 4% slower
+    than PEFT LoRA's to equal (BENCHMARKS.md, end-to-end section). ``B0_dropped``
+    None (exact layers, r0 = 0): left is s·G B alone. ``lora_in_dx`` False (LoRA
+    dropout: its term goes to the dropped-out input's gradient instead) leaves LoRA's
+    columns out of (left, right). The first return value is s·G B, for dA.
     """
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
-    return nullcontext()
-
-
-def double_lora_factors(weight: Tensor, r0: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """Truncated SVD split of W0 (in fp32): B0 = U[:, :r0]√Σ, A0 = √Σ Vᵀ[:r0].
-
-    Returns (B0, A0) in ``dtype`` and ‖Ws[i, :]‖² in fp32, where Ws = W0 − B0 A0 is
-    formed with the *stored* (dtype-rounded) factors, i.e. the residual the backward
-    really approximates.
-    """
-    w = weight.detach().float()
-    m, n = w.shape
-    if r0 > 0:
-        U, S, Vh = torch.linalg.svd(w, full_matrices=False)
-        root = S[:r0].sqrt()
-        # contiguous: LAPACK's factors are column-major, and DeepSpeed's engine
-        # broadcasts parameters as byte views, which need a unit last stride.
-        B0 = (U[:, :r0] * root).to(dtype).contiguous()
-        A0 = (root[:, None] * Vh[:r0]).to(dtype).contiguous()
-    else:
-        B0 = w.new_zeros(m, 0, dtype=dtype)
-        A0 = w.new_zeros(0, n, dtype=dtype)
-    B0f, A0f = B0.float(), A0.float()
-    ws_row_sq = torch.empty(m, dtype=torch.float32, device=w.device)
-    for start in range(0, m, _ROW_BLOCK):
-        stop = min(m, start + _ROW_BLOCK)
-        block = w[start:stop] - B0f[start:stop] @ A0f
-        ws_row_sq[start:stop] = (block * block).sum(dim=1)
-    return B0, A0, ws_row_sq
+    r = lora_B.shape[1]
+    if B0_dropped is None:
+        sGB = (G @ lora_B).mul_(scaling)
+        return (sGB, sGB, lora_A) if lora_in_dx else (sGB, None, None)
+    left = G @ torch.cat([lora_B * scaling, B0_dropped], dim=1)
+    if lora_in_dx:
+        return left[:, :r], left, torch.cat([lora_A, A0], dim=0)
+    return left[:, :r], left[:, r:], A0
 
 
 class _CELoRAFunction(torch.autograd.Function):
@@ -89,9 +105,8 @@ class _CELoRAFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         layer: CELoRALinear = ctx.layer
         dX, approx, dXd, dA, dB = local_backward(ctx, grad_out)
+        dX, dA = layer._combine_backward(ctx.fused, dX, approx, dA)
         if dX is not None:
-            if layer.refresh_due():
-                layer.error.add(dX, approx)
             dX = dX.view(ctx.x_shape)
         if dXd is not None:
             dXd = dXd.view(ctx.x_shape)
@@ -105,52 +120,33 @@ def local_backward(ctx, grad_out: Tensor):
     exact layers, the CE-LoRA approximation otherwise; ``approx`` the approximation
     of the indices in use on refresh steps (for telemetry), else None; dXd the LoRA
     branch's input gradient when dropout separates it from x. Refresh-step scores
-    are accumulated here. Summing over a TP group is the caller's business.
-
-    The complement term G[:, Ī] B0[Ī] is computed as G @ B0_Ī (B0 with the kept rows
-    zeroed, cached per selection) in the SAME GEMM as LoRA's G B: one (T, r + r0)
-    product instead of a (T, m − k) gather of G, a gather of B0 and a second GEMM.
-    It costs 2Tk·r0 FLOPs more; on CPU it took SmolLM2-135M's CE-LoRA backward from 4%
-    slower than PEFT LoRA's to equal (BENCHMARKS.md, end-to-end section).
+    are accumulated here. Summing over a TP group is the layer's ``_combine_backward``.
     """
     xd, weight, lora_A, lora_B, B0, A0, xA = ctx.saved_tensors
     layer: CELoRALinear = ctx.layer
-    s = layer.scaling
     m, n = weight.shape
-    r = lora_B.shape[1]
     G = grad_out.reshape(-1, m)
     need_x, need_xd, _, _, need_A, need_B = ctx.needs_input_grad[:6]
 
     refresh = layer.refresh_due()
     approximate = need_x and layer.selected is not None and not layer.is_exact
-    low_rank = approximate and A0.shape[0] > 0  # the double-LoRA term (absent for r0 = 0)
-    if low_rank:
-        # [s·G B | G[:, Ī] B0[Ī]] in one GEMM (rows I of B0 zeroed)
-        left = G @ torch.cat([lora_B * s, layer._complement_B0(B0)], dim=1)
-    else:
-        left = (G @ lora_B).mul_(s)
-    sGB = left[:, :r]  # s·G B: shared by dA and the LoRA part of dX
+    # the double-LoRA term joins only approximate products (absent for r0 = 0)
+    B0_dropped = layer._dropped_B0(B0) if approximate and A0.shape[0] > 0 else None
+    sGB, left, right = low_rank_operands(G, lora_B, lora_A, layer.scaling, B0_dropped, A0, ctx.fused)
     dA = sGB.t() @ xd.reshape(-1, n) if need_A else None
-    dB = (G.t() @ xA.reshape(-1, xA.shape[-1])).mul_(s) if need_B else None
+    dB = (G.t() @ xA.reshape(-1, xA.shape[-1])).mul_(layer.scaling) if need_B else None
 
     if refresh:
         layer._accumulate_scores(G)
     dX = approx = dXd = None
     if need_x:
-        # the LoRA term joins dX unless dropout routes it to xd's gradient instead
-        lora = (sGB, lora_A) if ctx.fused else (None, None)
         if not approximate:
-            dX = grad_input(G, weight, None, None, None, None, *lora)
+            dX = grad_input(G, weight, None, left, right)
         else:
-            if not low_rank:
-                extra = lora
-            elif ctx.fused:
-                extra = (left, torch.cat([lora_A, A0], dim=0))
-            else:
-                extra = (left[:, r:], A0)
-            estimate = grad_input(G, weight, layer.selected, None, None, None, *extra)
+            estimate = grad_input(G, weight, layer.selected, left, right)
             if refresh:  # exact step: the estimate is kept only to measure its error
-                dX, approx = grad_input(G, weight, None, None, None, None, *lora), estimate
+                lora = (sGB, lora_A) if ctx.fused else (None, None)
+                dX, approx = grad_input(G, weight, None, *lora), estimate
             else:
                 dX = estimate
     if need_xd and not ctx.fused:
@@ -158,16 +154,18 @@ def local_backward(ctx, grad_out: Tensor):
     return dX, approx, dXd, dA, dB
 
 
-class CELoRALinear(nn.Module):
+class CELoRALinear(ScheduledModule, nn.Module):
     """CE-LoRA replacement of an ``nn.Linear`` (see module docstring).
 
-    Attributes (DESIGN.md §4): ``base_layer`` (frozen W0), ``lora_A`` (r×n) and
+    Attributes (docs/design.md §4): ``base_layer`` (frozen W0), ``lora_A`` (r×n) and
     ``lora_B`` (m×r) as ``nn.Linear`` in PEFT's shapes, ``B0``/``A0`` (frozen,
     None for exact layers), ``scaling``, ``selected`` (kept output features, None
     while the backward is exact).
-    """
 
-    _celora_scheduled = True  # driven by on_optimizer_step, reported by telemetry
+    ``factors`` (B0, A0, ‖Ws[i, :]‖²) and ``lora_weights`` (A, B) skip the SVD and the
+    random LoRA initialisation: the tensor-parallel layers build their shards through
+    this same constructor with them.
+    """
 
     def __init__(
         self,
@@ -183,22 +181,22 @@ class CELoRALinear(nn.Module):
         sync_indices: bool = True,
         error_budget: float = 0.3,
         name: str = "",
+        *,
+        factors: tuple[Tensor, Tensor, Tensor] | None = None,
+        lora_weights: tuple[Tensor, Tensor] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"CELoRALinear wraps nn.Linear, got {type(base_layer).__name__} at {name!r}")
-        self.adaptive = keep == AUTO
-        if not self.adaptive and not (0.0 < keep <= 1.0):
-            raise ValueError(f"keep for {name or 'layer'} must be in (0, 1] or 'auto', got {keep!r}")
-        if self.adaptive and score != "gradient":
-            raise ValueError(f"keep='auto' for {name or 'layer'} needs score='gradient', got {score!r}")
-        if score not in SCORE_MODES:
-            raise ValueError(f"score must be one of {SCORE_MODES}, got {score!r}")
+        opts = LayerOptions(r, alpha, rslora, r0, keep, dropout, refresh_every, score, sync_indices,
+                            error_budget, name)
         m, n = base_layer.out_features, base_layer.in_features
+        self.options = opts
         self.name = name
         self.in_features, self.out_features = n, m
         self.r, self.r0 = r, r0
-        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.scaling = lora_scaling(alpha, r, rslora)
+        self.adaptive = keep == AUTO
         self.keep = keep if self.adaptive else float(keep)
         self.error_budget = error_budget
         # an adaptive layer starts at k = m (exact) and picks k on every refresh step
@@ -211,36 +209,53 @@ class CELoRALinear(nn.Module):
         self.base_layer = base_layer
         for p in base_layer.parameters():
             p.requires_grad_(False)
-        weight = base_layer.weight
-        factory = {"device": weight.device, "dtype": weight.dtype}
-        self.lora_A = nn.Linear(n, r, bias=False, **factory)
-        self.lora_B = nn.Linear(r, m, bias=False, **factory)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's init
-        nn.init.zeros_(self.lora_B.weight)
+        self._init_lora(base_layer.weight, lora_weights)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._init_factors(base_layer.weight, factors)
+        self._init_schedule()
 
+    def _init_lora(self, weight: Tensor, lora_weights: tuple[Tensor, Tensor] | None) -> None:
+        m, n, r = self.out_features, self.in_features, self.r
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        if lora_weights is None:
+            self.lora_A = nn.Linear(n, r, bias=False, **factory)
+            self.lora_B = nn.Linear(r, m, bias=False, **factory)
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's init
+            nn.init.zeros_(self.lora_B.weight)
+            return
+        A, B = lora_weights
+        if tuple(A.shape) != (r, n) or tuple(B.shape) != (m, r):
+            raise ValueError(f"{self.name or 'layer'}: lora_weights of shapes {tuple(A.shape)}, {tuple(B.shape)}; "
+                             f"expected {(r, n)}, {(m, r)}")
+        self.lora_A, self.lora_B = _trainable_linear(A), _trainable_linear(B)
+
+    def _init_factors(self, weight: Tensor, factors: tuple[Tensor, Tensor, Tensor] | None) -> None:
         if self.is_exact:
             self.register_parameter("B0", None)
             self.register_parameter("A0", None)
             self.register_buffer("ws_row_sq", None, persistent=False)
-        else:
+            return
+        if factors is None:
+            m, n, r0 = self.out_features, self.in_features, self.r0
             if r0 >= min(m, n):
-                raise ValueError(
-                    f"r0={r0} must be below min(out_features, in_features)={min(m, n)} "
-                    f"for {name or 'layer'} ({m}x{n})"
-                )
-            with _gathered([weight]):
-                B0, A0, ws_row_sq = double_lora_factors(weight, r0, weight.dtype)
-            self.B0 = nn.Parameter(B0, requires_grad=False)
-            self.A0 = nn.Parameter(A0, requires_grad=False)
-            self.register_buffer("ws_row_sq", ws_row_sq, persistent=False)
+                raise ValueError(f"r0={r0} must be below min(out_features, in_features)={min(m, n)} "
+                                 f"for {self.name or 'layer'} ({m}x{n})")
+            with gathered([weight]):
+                factors = double_lora_factors(weight, r0, weight.dtype)
+        B0, A0, ws_row_sq = factors
+        self.B0 = nn.Parameter(B0, requires_grad=False)
+        self.A0 = nn.Parameter(A0, requires_grad=False)
+        self.register_buffer("ws_row_sq", ws_row_sq, persistent=False)
+
+    def _init_schedule(self) -> None:
+        """The schedule state, in one place: no selection, step 0, nothing pending."""
         self.register_buffer("selected", None, persistent=False)
         self.register_buffer("complement", None, persistent=False)
-        self._B0_complement: Tensor | None = None  # see _complement_B0
-
-        self.step = 0  # optimizer steps seen (advanced by on_optimizer_step)
+        self._B0_dropped: Tensor | None = None  # see _dropped_B0
+        self.step = 0  # optimizer steps seen (advanced by finish_step)
         self._pending_colsq: Tensor | None = None
         self.error = RelErrorMeter()  # true dX error of the indices in use, on refresh steps
+        self.k_chosen_at: int | None = None  # adaptive keep: the refresh step that chose k
 
     # -- forward ------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -250,7 +265,7 @@ class CELoRALinear(nn.Module):
             self.lora_A.weight, self.lora_B.weight, self.B0, self.A0, self,
         )
 
-    # -- schedule (called from the backward and from on_optimizer_step) ------------
+    # -- backward hooks (called from local_backward / the autograd Function) -------
     def refresh_due(self) -> bool:
         """True while the current optimizer step is a refresh step (exact backward)."""
         return not self.is_exact and self.step % self.refresh_every == 0
@@ -259,13 +274,76 @@ class CELoRALinear(nn.Module):
         colsq = gradient_scores(G)
         self._pending_colsq = colsq if self._pending_colsq is None else self._pending_colsq + colsq
 
-    def _finish_step(self) -> None:
+    def _combine_backward(self, fused: bool, dX: Tensor | None, approx: Tensor | None,
+                          dA: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        """Turn this process's partial gradients into the layer's (TP layers sum them) and
+        record the refresh-step error. Returns (dX, dA)."""
+        if dX is not None and self.refresh_due():
+            self.error.add(dX, approx)
+        return dX, dA
+
+    def _dropped_B0(self, B0: Tensor) -> Tensor:
+        """B0 with the rows of the kept features zeroed (so G @ it = G[:, Ī] B0[Ī]).
+
+        Built from the backward's B0 (gathered under ZeRO-3) once per selection:
+        m × r0, small. Not a buffer: it is derived state, never checkpointed.
+        """
+        cached = self._B0_dropped
+        if cached is None or cached.device != B0.device or cached.dtype != B0.dtype:
+            cached = B0.detach().clone()
+            cached[self.selected] = 0
+            self._B0_dropped = cached
+        return cached
+
+    # -- the schedule contract (celora_dist/scheduled.py) ---------------------------
+    @property
+    def pending_scores(self) -> Tensor | None:
+        """‖G[:, i]‖² summed over this refresh step's backwards so far (None off refresh steps)."""
+        return self._pending_colsq
+
+    def pending_statistics(self) -> Tensor | None:
+        if self._pending_colsq is None:
+            return None
+        sums = torch.tensor([self.error.err_sq, self.error.ref_sq], dtype=torch.float32,
+                            device=self._pending_colsq.device)
+        return torch.cat([self._pending_colsq, sums])
+
+    def load_synced_statistics(self, stats: Tensor) -> None:
+        m = self._pending_colsq.numel()
+        self._pending_colsq = stats[:m]
+        self.error.err_sq, self.error.ref_sq = (float(v) for v in stats[m:m + 2])
+
+    def finish_step(self) -> None:
         if self._pending_colsq is not None:
             ref_sq = self.error.ref_sq
             self.error.finish(self.step)
             self.set_selected(self._next_selection(ref_sq))
             self._pending_colsq = None
+            if self.adaptive:
+                self.k_chosen_at = self.step
         self.step += 1
+
+    def telemetry(self) -> dict[str, Any] | None:
+        if self.is_exact:
+            return None
+        k, m = self._full_k_and_m()
+        return {"rel_error": self.error.last, "step": self.error.last_step, "k": k, "m": m,
+                "kind": "linear", "k_chosen_at": self.k_chosen_at}
+
+    def schedule_state(self) -> dict[str, Any]:
+        return {"step": self.step,
+                "selected": None if self.selected is None else self.selected.detach().cpu().clone()}
+
+    def load_schedule_state(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.set_selected(state["selected"])
+        self._pending_colsq = None
+        self.error = RelErrorMeter()
+        self.k_chosen_at = None
+
+    def _full_k_and_m(self) -> tuple[int, int]:
+        """Kept and total output features of the whole layer (a column shard reports the union)."""
+        return self.k, self.out_features
 
     def _next_selection(self, ref_sq: float) -> Tensor | None:
         """The indices for the steps until the next refresh (None: exact), from this
@@ -282,7 +360,7 @@ class CELoRALinear(nn.Module):
 
     def set_selected(self, selected: Tensor | None) -> None:
         """Install kept output features (sorted LongTensor of length k) or None for exact."""
-        self._B0_complement = None
+        self._B0_dropped = None
         if selected is None:
             self.selected = self.complement = None
             if self.adaptive:
@@ -299,32 +377,13 @@ class CELoRALinear(nn.Module):
         self.selected = selected
         self.complement = complement_of(selected, self.out_features)
 
-    def _complement_B0(self, B0: Tensor) -> Tensor:
-        """B0 with the rows of the kept features zeroed (so G @ it = G[:, Ī] B0[Ī]).
-
-        Built from the backward's B0 (gathered under ZeRO-3) once per selection:
-        m × r0, small. Not a buffer: it is derived state, never checkpointed.
-        """
-        cached = self._B0_complement
-        if cached is None or cached.device != B0.device or cached.dtype != B0.dtype:
-            cached = B0.detach().clone()
-            cached[self.selected] = 0
-            self._B0_complement = cached
-        return cached
-
-    def _load_schedule_state(self, step: int, selected: Tensor | None) -> None:
-        self.step = int(step)
-        self.set_selected(selected)
-        self._pending_colsq = None
-        self.error = RelErrorMeter()
-
     # -- export ---------------------------------------------------------------------
     @torch.no_grad()
     def merged_linear(self) -> nn.Linear:
         """A plain nn.Linear with the LoRA delta s·B A folded into W0."""
         base = self.base_layer
         params = [base.weight, self.lora_A.weight, self.lora_B.weight]
-        with _gathered(params):
+        with gathered(params):
             merged = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None,
                                device=base.weight.device, dtype=base.weight.dtype)
             delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
@@ -338,3 +397,18 @@ class CELoRALinear(nn.Module):
         if self.adaptive:
             mode += f", error_budget={self.error_budget}"
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, {mode}"
+
+
+def _trainable_linear(weight: Tensor) -> nn.Linear:
+    """An nn.Linear (no bias) holding ``weight`` as its trainable Parameter, no random init."""
+    r_out, r_in = weight.shape
+    lin = nn.utils.skip_init(nn.Linear, r_in, r_out, bias=False, device=weight.device, dtype=weight.dtype)
+    lin.weight = nn.Parameter(weight, requires_grad=True)
+    return lin
+
+
+def celora_layers(model: nn.Module) -> Iterator[tuple[str, CELoRALinear]]:
+    """(name, layer) for every CE-LoRA linear of ``model`` (tensor-parallel ones included)."""
+    for name, module in model.named_modules():
+        if isinstance(module, CELoRALinear):
+            yield name, module

@@ -1,22 +1,15 @@
-"""Index selection: scores, deterministic top-k, the refresh schedule hook, DP sync.
+"""Index selection math: scores, deterministic top-k, adaptive k, the error meter.
 
-The schedule is counted in optimizer steps. On a refresh step every backward of
-the step (all gradient-accumulation micro-batches) is exact and adds its squared
-G column norms to the layer's pending scores; :func:`on_optimizer_step` then picks
-the new indices (after summing the scores over the data-parallel group when
-``sync_indices`` is on) and they apply from the next backward on.
+Pure functions of tensors (and one small accumulator): no model walking, no layer
+imports. The model-level schedule that uses them lives in ``celora_dist/schedule.py``,
+the per-layer state in ``celora_dist/layer.py``.
 """
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
-import torch.distributed as dist
-from torch import Tensor, nn
-
-if TYPE_CHECKING:
-    from .layer import CELoRALinear
+from torch import Tensor
 
 
 def topk_indices(scores: Tensor, k: int) -> Tensor:
@@ -48,7 +41,7 @@ def complement_of(selected: Tensor, m: int) -> Tensor:
 def select_indices(colsq: Tensor | None, ws_row_sq: Tensor, k: int, score: str) -> Tensor:
     """Top-k output features by ``score``.
 
-    gradient: colsq_i · ‖Ws[i, :]‖² — the squared ‖G[:, i]‖·‖Ws[i, :]‖ of DESIGN.md.
+    gradient: colsq_i · ‖Ws[i, :]‖² — the squared ‖G[:, i]‖·‖Ws[i, :]‖ of docs/design.md §1.
     static:   ‖Ws[i, :]‖² alone (the released code's effective behaviour).
     """
     if score == "static":
@@ -56,21 +49,6 @@ def select_indices(colsq: Tensor | None, ws_row_sq: Tensor, k: int, score: str) 
     if colsq is None:
         raise ValueError("gradient score needs the column norms of G")
     return topk_indices(colsq.to(ws_row_sq.device) * ws_row_sq, k)
-
-
-def celora_layers(model: nn.Module) -> Iterator[tuple[str, "CELoRALinear"]]:
-    from .layer import CELoRALinear
-
-    for name, module in model.named_modules():
-        if isinstance(module, CELoRALinear):
-            yield name, module
-
-
-def scheduled_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """CE-LoRA layers and vocab-sparse heads: everything on_optimizer_step drives."""
-    for name, module in model.named_modules():
-        if getattr(module, "_celora_scheduled", False):
-            yield name, module
 
 
 class RelErrorMeter:
@@ -147,82 +125,3 @@ def next_adaptive_k(score_sq: Tensor, ref_sq: float, budget: float, k: int, drop
     if dropped is not None and candidate < k:
         candidate = math.ceil((k + candidate) / 2)
     return candidate
-
-
-def _all_reduce_scores(layers: list["CELoRALinear"], group: Any) -> None:
-    """Sum every pending score vector and error sum over ``group`` in ONE all-reduce."""
-    parts = []
-    for layer in layers:
-        sums = torch.tensor([layer.error.err_sq, layer.error.ref_sq], dtype=torch.float32,
-                            device=layer._pending_colsq.device)
-        parts += [layer._pending_colsq, sums]
-    flat = torch.cat(parts)
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    offset = 0
-    for layer in layers:
-        m = layer._pending_colsq.numel()
-        layer._pending_colsq = flat[offset:offset + m]
-        layer.error.err_sq, layer.error.ref_sq = (float(v) for v in flat[offset + m:offset + m + 2])
-        offset += m + 2
-
-
-def on_optimizer_step(model: nn.Module, group: Any = None) -> None:
-    """Advance every CE-LoRA layer's step counter; finish a refresh if this step was one.
-
-    Call once per optimizer step (after ``optimizer.step()`` / ``engine.step()``),
-    never per micro-batch. ``group``: the data-parallel process group used to sync
-    scores (default: the world, when torch.distributed is initialised).
-    """
-    layers = [layer for _, layer in scheduled_modules(model)]
-    pending = [layer for layer in layers if layer._pending_colsq is not None]
-    sync = [layer for layer in pending if layer.sync_indices]
-    if group is None and any(getattr(layer, "tp_size", 1) > 1 for layer in sync):
-        # Column-parallel layers score their own shard: a world all-reduce would add
-        # different shards' scores together (a silent wrong selection).
-        raise ValueError("on_optimizer_step: the model has tensor-parallel CE-LoRA layers; pass the "
-                         "data-parallel group (group=None sums scores across TP shards)")
-    if sync and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        _all_reduce_scores(sync, group)
-    for layer in layers:
-        layer._finish_step()
-
-
-def telemetry(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Per approximate layer (and vocab-sparse head): the relative dX error last measured.
-
-    ``rel_error`` is ‖dX_approx − dX_exact‖ / ‖dX_exact‖ of the indices that were in
-    use during that step (None before the first measurement); ``k`` and ``m`` give
-    the kept and total output features, ``step`` the optimizer step measured.
-    """
-    out = {}
-    for name, layer in scheduled_modules(model):
-        if layer.is_exact:
-            continue
-        out[name] = {
-            "rel_error": layer.error.last,
-            "step": layer.error.last_step,
-            "k": layer.k,
-            "m": layer.out_features,
-        }
-    return out
-
-
-def celora_state_dict(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """The schedule state a checkpoint must carry: step counters and selected indices."""
-    return {
-        name: {
-            "step": layer.step,
-            "selected": None if layer.selected is None else layer.selected.detach().cpu().clone(),
-        }
-        for name, layer in celora_layers(model)
-    }
-
-
-def load_celora_state_dict(model: nn.Module, state: dict[str, dict[str, Any]]) -> None:
-    """Restore :func:`celora_state_dict`; names must match the model's CE-LoRA layers."""
-    layers = dict(celora_layers(model))
-    missing, unexpected = sorted(set(layers) - set(state)), sorted(set(state) - set(layers))
-    if missing or unexpected:
-        raise ValueError(f"CE-LoRA state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for name, entry in state.items():
-        layers[name]._load_schedule_state(entry["step"], entry["selected"])

@@ -36,7 +36,8 @@ from torch import nn
 from celora_dist import CELoRAConfig, inject_celora, on_optimizer_step, telemetry
 from celora_dist.parallel import (ColumnParallelCELoRALinear, RowParallelCELoRALinear, check_tp_zero_stage,
                                   gather_lora_state_dict, parallelize_celora, save_tp_adapter, tp_layers)
-from celora_dist.selection import celora_layers, topk_indices
+from celora_dist.layer import celora_layers
+from celora_dist.selection import topk_indices
 
 from .conftest import decaying_weight, tiny_llama
 
@@ -397,7 +398,7 @@ def test_tp2_equals_tp1_losses_grads_and_selection(model_runs, mode):
                 key = f"base_model.model.{name}.lora_{ab}.weight"
                 for run in ranks:
                     _close(run["grads"][step][key], param.grad, tol=MODEL_TOL, what=f"{mode} step {step} {key}")
-        pending = {n: l._pending_colsq.clone() for n, l in layers.items() if l._pending_colsq is not None}
+        pending = {n: l.pending_scores.clone() for n, l in layers.items() if l.pending_scores is not None}
         opt.step()
         opt.zero_grad(set_to_none=True)
         on_optimizer_step(model)

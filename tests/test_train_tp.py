@@ -52,7 +52,7 @@ def test_tp2_zero1_trains_and_matches_single_process_data_order(tp_celora, singl
     assert summary["tp_size"] == 2 and summary["world_size"] == 2 and summary["zero_stage"] == 1
     # Step 0 is exact everywhere and its indices act from step 1's backward on, so the losses of
     # steps 0 and 1 depend only on the data and exact gradients: equal to one process's.
-    # (Later, column-parallel layers keep a per-shard top-k, not the global one: DESIGN.md §2.)
+    # (Later, column-parallel layers keep a per-shard top-k, not the global one: docs/design.md §2.)
     ref = train_losses(single_celora[0])
     assert losses[:2] == pytest.approx(ref[:2], rel=0, abs=1e-5)
     # Row-parallel layers: every TP rank selected the identical I; column layers their own rows.

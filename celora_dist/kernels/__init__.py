@@ -4,6 +4,6 @@
 (also on CPU tensors under ``TRITON_INTERPRET=1``), ``auto`` (default) uses Triton for
 CUDA tensors when it is importable.
 """
-from .dispatch import grad_input, gradient_scores, kernel_backend, scores
+from .dispatch import grad_input, gradient_scores, kernel_backend
 
-__all__ = ["grad_input", "gradient_scores", "kernel_backend", "scores"]
+__all__ = ["grad_input", "gradient_scores", "kernel_backend"]

@@ -1,15 +1,12 @@
-"""Triton CE-LoRA dX: the one-GEMM form of DESIGN.md §1 in a single launch.
+"""Triton CE-LoRA dX: the contract of :func:`celora_dist.ops.amm.celora_grad_input` in one launch.
 
-    dX = [ G[:, I] | S ] @ [ W0[I, :] ; Rs ]        S = [ G[:, Ī] B0[Ī] | L ],  Rs = [ A0 ; R ]
+    dX = [ G[:, I] | left ] @ [ W0[I, :] ; right ]
 
 The kernel walks two K-segments into one fp32 accumulator: the first gathers
 columns I of G and rows I of W0 by index as it loads them (no W0[I] copy, no
-G[:, I] copy); the second is the small (T, r0 + r) operand S against (r0 + r, n).
-S is built by torch with ops.amm.complement_term, the reference's own gather-GEMM,
-so both paths round S identically in half precision: fusing G[:, Ī] B0[Ī] into the
-kernel would need a second pass over G per n-tile, and S is only (T, r0 + r).
-(Writing it as G @ B0 with rows I zeroed would skip the (T, m − k) gather copy; on
-CPU the two were within noise, on GPU it is unmeasured.)
+G[:, I] copy); the second is the small (T, r + r0) ``left`` operand against
+(r + r0, n) ``right``, which the layer forms as G @ [s·B | B0_Ī] in the GEMM LoRA
+needs for dA anyway (docs/design.md §1, "As built").
 
 What the GPU compiler makes of it (Triton 3.9, sm_90, bf16, 128x256x64 tile; checked
 ahead of time without a GPU by tests/aot_compile_cases.py): the K-loop is software-
@@ -30,7 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..ops.amm import celora_grad_input as _reference_grad_input
-from ..ops.amm import check_grad_input_shapes, complement_term
+from ..ops.amm import check_grad_input_shapes
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -163,33 +160,17 @@ def celora_grad_input_triton(
     grad_output: Tensor,
     weight: Tensor,
     selected: Tensor | None = None,
-    complement: Tensor | None = None,
-    B0: Tensor | None = None,
-    A0: Tensor | None = None,
-    lora_left: Tensor | None = None,
-    lora_right: Tensor | None = None,
+    left: Tensor | None = None,
+    right: Tensor | None = None,
 ) -> Tensor:
     """CE-LoRA dX; same contract as :func:`celora_dist.ops.amm.celora_grad_input`.
 
     ``selected=None`` (exact) takes the dense torch path: with nothing to gather,
     cuBLAS' dense GEMM is the faster kernel, so keep 1.0 is never slower than dense.
     """
-    check_grad_input_shapes(grad_output, weight)
+    check_grad_input_shapes(grad_output, weight, left, right)
     if selected is None:
-        return _reference_grad_input(grad_output, weight, None, None, None, None, lora_left, lora_right)
-    dtype = grad_output.dtype
-    lefts, rights = [], []
-    has_low_rank = B0 is not None and B0.shape[1] > 0
-    if has_low_rank and (A0 is None or complement is None):
-        raise ValueError("celora_grad_input_triton: the B0 A0 term needs A0 and the complement of selected")
-    if has_low_rank and complement.numel() > 0:  # empty Ī: the term is exactly zero
-        lefts.append(complement_term(grad_output, selected, complement, B0))
-        rights.append(A0)
-    if lora_left is not None and lora_right is not None:
-        lefts.append(lora_left)
-        rights.append(lora_right)
-    S = Rs = None
-    if lefts:
-        S = torch.cat([t.to(dtype) for t in lefts], dim=1) if len(lefts) > 1 else lefts[0].to(dtype)
-        Rs = torch.cat([t.to(dtype) for t in rights], dim=0) if len(rights) > 1 else rights[0].to(dtype)
-    return launch_amm(grad_output, weight, selected, S, Rs)
+        return _reference_grad_input(grad_output, weight, None, left, right)
+    if left is not None:
+        left, right = left.to(grad_output.dtype), right.to(grad_output.dtype)
+    return launch_amm(grad_output, weight, selected, left, right)

@@ -1,4 +1,4 @@
-"""Tensor-parallel CE-LoRA (DESIGN.md §2); see docs/parallel.md.
+"""Tensor-parallel CE-LoRA (docs/design.md §2); see docs/parallel.md.
 
     from celora_dist.parallel import parallelize_celora, save_tp_adapter
     model = inject_celora(model, cfg)                 # same full model on every rank
@@ -10,7 +10,8 @@
 from .convert import (COLUMN_PARALLEL, ROW_PARALLEL, check_tp_zero_stage, gather_lora_state_dict,
                       parallelize_celora, save_tp_adapter)
 from .deepspeed_tp import init_tp_groups, mark_tensor_parallel
-from .layers import ColumnParallelCELoRALinear, RowParallelCELoRALinear, residual_row_sq, tp_layers
+from ..factors import residual_row_sq
+from .layers import ColumnParallelCELoRALinear, RowParallelCELoRALinear, tp_layers
 
 __all__ = [
     "ColumnParallelCELoRALinear",

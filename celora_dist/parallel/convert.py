@@ -18,8 +18,7 @@ from torch import nn
 
 from ..adapters import PEFT_PREFIX, write_peft_adapter
 from ..config import CELoRAConfig
-from ..layer import CELoRALinear
-from ..selection import celora_layers
+from ..layer import CELoRALinear, celora_layers
 from .comm import group_size
 from .layers import ColumnParallelCELoRALinear, RowParallelCELoRALinear, _TPCELoRALinear
 
@@ -98,9 +97,7 @@ def parallelize_celora(
         if isinstance(module, CELoRALinear):
             layer = cls(module, tp_group)
         else:
-            layer = cls(module, tp_group, r=cfg.r, alpha=cfg.alpha, rslora=cfg.rslora, r0=cfg.r0,
-                        keep=cfg.keep_for(name), dropout=cfg.dropout, refresh_every=cfg.refresh_every,
-                        score=cfg.score, sync_indices=cfg.sync_indices, name=name)
+            layer = cls(module, tp_group, **cfg.layer_kwargs(name))
         setattr(parent, child, layer)
         done[cls.parallel_mode].append(name)
     if cfg is not None and not existing:

@@ -1,4 +1,4 @@
-"""Tensor-parallel CE-LoRA linears (DESIGN.md §2).
+"""Tensor-parallel CE-LoRA linears (docs/design.md §2).
 
 Column-parallel (q/k/v/gate/up): TP rank t owns output rows [t·m/tp, (t+1)·m/tp) of
 W0, bias, B0 and LoRA B; LoRA A and A0 are replicated. Input x is replicated and the
@@ -26,11 +26,15 @@ This LoRA sharding is Megatron's / NeMo's (A full, B split for column; A split, 
 full for row): every LoRA FLOP is either sharded or tiny (r columns), and the
 adapter gathers back to PEFT shapes by one concatenation per tensor.
 
-Both classes subclass :class:`CELoRALinear` and reuse its refresh schedule
-(``refresh_due``/``_finish_step``), selection, telemetry and checkpoint state, so
-``celora_dist.on_optimizer_step(model, dp_group)`` drives them unchanged. Pass the
-DATA-parallel group there: with TP the world group would mix score vectors of
-different column shards.
+Both classes subclass :class:`CELoRALinear` and are built by its own constructor
+(from the shards of the full layer's factors and LoRA weights), so they share its
+refresh schedule, selection, telemetry and checkpoint state (the
+:class:`~celora_dist.scheduled.ScheduledModule` contract) and its autograd Function;
+they override only what differs: how the shards are cut, the TP collective of the
+backward (``_combine_backward``), the row layer's forward all-reduce and its
+TP-wide selection. ``celora_dist.on_optimizer_step(model, dp_group)`` drives them
+unchanged. Pass the DATA-parallel group there: with TP the world group would mix
+score vectors of different column shards.
 """
 from __future__ import annotations
 
@@ -41,24 +45,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import num_kept
-from ..layer import CELoRALinear, _CELoRAFunction, local_backward
-from ..selection import RelErrorMeter, next_adaptive_k, topk_indices
+from ..factors import residual_row_sq
+from ..layer import CELoRALinear, _CELoRAFunction
+from ..selection import next_adaptive_k, topk_indices
+from ..zero import is_partitioned
 from .comm import ReduceGradOverTP, all_gather_cat, all_reduce_many, broadcast_, group_rank, group_size
-
-_ROW_BLOCK = 2048  # bounds the fp32 temporary of the residual-norm computation
-
-
-@torch.no_grad()
-def residual_row_sq(weight: Tensor, B0: Tensor, A0: Tensor) -> Tensor:
-    """‖(W − B0 A0)[i, :]‖² per row in fp32, in row blocks (never a full fp32 copy)."""
-    m = weight.shape[0]
-    out = torch.empty(m, dtype=torch.float32, device=weight.device)
-    A0f = A0.float()
-    for start in range(0, m, _ROW_BLOCK):
-        stop = min(m, start + _ROW_BLOCK)
-        block = weight[start:stop].float() - B0[start:stop].float() @ A0f
-        out[start:stop] = (block * block).sum(dim=1)
-    return out
 
 
 def _own(t: Tensor) -> Tensor:
@@ -79,63 +70,18 @@ def _mark_sharded(params: list[Tensor | None], dim: int) -> None:
 
 
 def _frozen_linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
-    """An nn.Linear holding exactly ``weight``/``bias`` (no random init), frozen."""
     out_f, in_f = weight.shape
-    lin = nn.utils.skip_init(nn.Linear, in_f, out_f, bias=bias is not None,
-                             device=weight.device, dtype=weight.dtype)
+    lin = nn.utils.skip_init(nn.Linear, in_f, out_f, bias=bias is not None, device=weight.device,
+                             dtype=weight.dtype)
     lin.weight = nn.Parameter(weight, requires_grad=False)
     if bias is not None:
         lin.bias = nn.Parameter(bias, requires_grad=False)
     return lin
 
 
-def _lora_linear(weight: Tensor) -> nn.Linear:
-    r_out, r_in = weight.shape
-    lin = nn.utils.skip_init(nn.Linear, r_in, r_out, bias=False, device=weight.device, dtype=weight.dtype)
-    lin.weight = nn.Parameter(weight, requires_grad=True)
-    return lin
-
-
-class _ColumnFunction(_CELoRAFunction):
-    """Forward as CELoRALinear's (on the local rows); backward sums partials over TP.
-
-    Fused (no LoRA dropout): ONE all-reduce of [dX | dA] (+ the approximate dX on
-    refresh steps, so telemetry measures the full layer's error). With dropout the
-    input gradient is summed by :class:`ReduceGradOverTP` in front of the layer
-    instead, after the dropout mask has been applied.
-    """
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        layer: ColumnParallelCELoRALinear = ctx.layer
-        dX, approx, dXd, dA, dB = local_backward(ctx, grad_out)
-        measure = dX is not None and layer.refresh_due()  # ‖dX‖² feeds telemetry and adaptive keep
-        todo: dict[str, Tensor] = {}
-        if dX is not None and ctx.fused:
-            todo["dX"] = dX
-        if measure and not ctx.fused:
-            todo["exact"] = dX
-        if approx is not None:
-            todo["approx"] = approx
-        if dA is not None:
-            todo["dA"] = dA
-        if todo:
-            done = all_reduce_many(todo, layer.tp_group)
-            if measure:
-                layer.error.add(done["dX" if ctx.fused else "exact"], done.get("approx"))
-            if ctx.fused and dX is not None:
-                dX = done["dX"]
-            # a private copy: a view would pin the whole flat buffer (T×n) to .grad
-            dA = done["dA"].clone() if dA is not None else None
-        if dX is not None:
-            dX = dX.view(ctx.x_shape)
-        if dXd is not None:
-            dXd = dXd.view(ctx.x_shape)
-        return dX, dXd, None, None, dA, dB, None, None, None
-
-
-class _RowFunction(torch.autograd.Function):
-    """y = allreduce(x_t W0_tᵀ, x_t A_tᵀ) → y + b + s (xA) Bᵀ; backward is rank-local."""
+class _RowFunction(_CELoRAFunction):
+    """y = allreduce(x_t W0_tᵀ, x_t A_tᵀ) → y + b + s (xA) Bᵀ; the backward is the base
+    class's, rank-local (G is replicated over the TP group)."""
 
     @staticmethod
     def forward(ctx, x, xd, weight, bias, lora_A, lora_B, B0, A0, layer):
@@ -151,18 +97,6 @@ class _RowFunction(torch.autograd.Function):
         ctx.save_for_backward(xd, weight, lora_A, lora_B, B0, A0, xA)
         return y
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        layer: RowParallelCELoRALinear = ctx.layer
-        dX, approx, dXd, dA, dB = local_backward(ctx, grad_out)
-        if dX is not None and layer.refresh_due():
-            layer.error.add(dX, approx)  # shard sums; combined over TP in _finish_step
-        if dX is not None:
-            dX = dX.view(ctx.x_shape)
-        if dXd is not None:
-            dXd = dXd.view(ctx.x_shape)
-        return dX, dXd, None, None, dA, dB, None, None, None
-
 
 class _TPCELoRALinear(CELoRALinear):
     """Common construction: factor the FULL W0 once, agree across TP, keep the shard.
@@ -171,8 +105,9 @@ class _TPCELoRALinear(CELoRALinear):
     full ``CELoRALinear`` (its SVD factors and LoRA values are reused). The TP
     group's first rank broadcasts B0, A0, A and B before sharding, so all ranks
     shard one factorisation and one LoRA initialisation even if their SVDs or
-    random seeds differed. The schedule step carries over; a selection does not
-    (the layer runs exact until its next refresh step).
+    random seeds differed. The shard is then built by CELoRALinear's own
+    constructor. The schedule step carries over; a selection does not (the layer
+    runs exact until its next refresh step).
     """
 
     parallel_mode = ""
@@ -189,44 +124,29 @@ class _TPCELoRALinear(CELoRALinear):
             full = CELoRALinear(source, **celora_kwargs)
         else:
             raise TypeError(f"expected nn.Linear or CELoRALinear, got {type(source).__name__}")
-        if any(hasattr(p, "ds_id") for p in full.parameters()):
+        if is_partitioned(full.parameters()):
             raise ValueError("tensor-parallel CE-LoRA does not support ZeRO-3 partitioned weights "
                              "(DeepSpeed TP trains with ZeRO stages 0-2)")
-        nn.Module.__init__(self)
-        self.adaptive, self.error_budget = full.adaptive, full.error_budget
-        self.tp_group = tp_group
-        self.tp_size = group_size(tp_group)
-        self.tp_rank = group_rank(tp_group)
-        self.name = full.name
-        self.full_in_features, self.full_out_features = full.in_features, full.out_features
-        self.r, self.r0, self.scaling, self.keep = full.r, full.r0, full.scaling, full.keep
-        self.refresh_every, self.score, self.sync_indices = full.refresh_every, full.score, full.sync_indices
-        self.lora_dropout = full.lora_dropout
-
         with torch.no_grad():
             factors = [] if full.is_exact else [full.B0.data, full.A0.data]
             lora = [full.lora_A.weight.data, full.lora_B.weight.data]
             broadcast_(factors + lora, tp_group)
-        self._shard(full)
-        self.register_buffer("selected", None, persistent=False)
-        self.register_buffer("complement", None, persistent=False)
-        self._B0_complement = None
-        self.step = full.step
-        self._pending_colsq = None
-        self.error = RelErrorMeter()
+        tp_size, tp_rank = group_size(tp_group), group_rank(tp_group)
+        base, shard_factors, lora_weights = self._shard(full, tp_group, tp_size, tp_rank)
+        super().__init__(base, **full.options.kwargs(), factors=shard_factors, lora_weights=lora_weights)
+        self.tp_group, self.tp_size, self.tp_rank = tp_group, tp_size, tp_rank
+        self.full_in_features, self.full_out_features = full.in_features, full.out_features
+        self.load_schedule_state({"step": full.step, "selected": None})
+        self._mark_shards()
 
-    def _shard(self, full: CELoRALinear) -> None:
+    @classmethod
+    def _shard(cls, full: CELoRALinear, tp_group: Any, tp: int, t: int
+               ) -> tuple[nn.Linear, tuple[Tensor, Tensor, Tensor] | None, tuple[Tensor, Tensor]]:
+        """(this rank's base linear, its factors or None, its LoRA (A, B)) of ``full``."""
         raise NotImplementedError
 
-    def _set_factors(self, B0: Tensor | None, A0: Tensor | None, ws_row_sq: Tensor | None) -> None:
-        if self.is_exact:
-            self.register_parameter("B0", None)
-            self.register_parameter("A0", None)
-            self.register_buffer("ws_row_sq", None, persistent=False)
-        else:
-            self.B0 = nn.Parameter(B0, requires_grad=False)
-            self.A0 = nn.Parameter(A0, requires_grad=False)
-            self.register_buffer("ws_row_sq", ws_row_sq, persistent=False)
+    def _mark_shards(self) -> None:
+        raise NotImplementedError
 
     def gather_lora(self, grads: bool = False) -> tuple[Tensor, Tensor]:
         """Full PEFT-shaped (A: r×n, B: m×r) LoRA weights — or their gradients.
@@ -257,27 +177,27 @@ class ColumnParallelCELoRALinear(_TPCELoRALinear):
 
     parallel_mode = "column"
 
-    def _shard(self, full: CELoRALinear) -> None:
-        m, tp, t = full.out_features, self.tp_size, self.tp_rank
+    def __init__(self, source: nn.Linear | CELoRALinear, tp_group: Any, **celora_kwargs: Any) -> None:
+        super().__init__(source, tp_group, **celora_kwargs)
+        self.full_k = self.k * self.tp_size  # kept rows over all ranks (adaptive: set on each refresh)
+
+    @classmethod
+    def _shard(cls, full, tp_group, tp, t):
+        m = full.out_features
         if m % tp:
-            raise ValueError(f"{self.name or 'layer'}: out_features {m} is not divisible by TP size {tp}")
+            raise ValueError(f"{full.name or 'layer'}: out_features {m} is not divisible by TP size {tp}")
         m_l = m // tp
         rows = slice(t * m_l, (t + 1) * m_l)
         base = full.base_layer
-        self.in_features, self.out_features = full.in_features, m_l
-        self.k = m_l if full.is_exact or full.adaptive else num_kept(self.keep, m_l)
-        self.is_exact = self.k == m_l and not full.adaptive
-        self.full_k = self.k * tp  # kept rows over all ranks (adaptive: set on each refresh)
         bias = None if base.bias is None else _own(base.bias[rows])
-        self.base_layer = _frozen_linear(_own(base.weight[rows]), bias)
-        self.lora_A = _lora_linear(_own(full.lora_A.weight))
-        self.lora_B = _lora_linear(_own(full.lora_B.weight[rows]))
-        if self.is_exact:
-            self._set_factors(None, None, None)
-        else:
-            B0 = _own(full.B0[rows])
-            A0 = _own(full.A0)
-            self._set_factors(B0, A0, residual_row_sq(self.base_layer.weight, B0, A0))
+        shard = _frozen_linear(_own(base.weight[rows]), bias)
+        factors = None
+        if not full.is_exact:
+            B0, A0 = _own(full.B0[rows]), _own(full.A0)
+            factors = (B0, A0, residual_row_sq(shard.weight, B0, A0))
+        return shard, factors, (_own(full.lora_A.weight), _own(full.lora_B.weight[rows]))
+
+    def _mark_shards(self) -> None:
         _mark_sharded([self.base_layer.weight, self.base_layer.bias, self.lora_B.weight, self.B0], dim=0)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -286,11 +206,39 @@ class ColumnParallelCELoRALinear(_TPCELoRALinear):
             x = ReduceGradOverTP.apply(x, self.tp_group)
             xd = self.lora_dropout(x)
         else:
-            xd = x  # fused: the layer's own backward all-reduces dX
-        return _ColumnFunction.apply(
+            xd = x  # fused: _combine_backward all-reduces dX
+        return _CELoRAFunction.apply(
             x, xd, self.base_layer.weight, self.base_layer.bias,
             self.lora_A.weight, self.lora_B.weight, self.B0, self.A0, self,
         )
+
+    def _combine_backward(self, fused, dX, approx, dA):
+        """Fused (no LoRA dropout): ONE all-reduce of [dX | dA] (+ the approximate dX on
+        refresh steps, so telemetry measures the full layer's error). With dropout the
+        input gradient is summed by :class:`ReduceGradOverTP` in front of the layer
+        instead, after the dropout mask has been applied."""
+        measure = dX is not None and self.refresh_due()  # ‖dX‖² feeds telemetry and adaptive keep
+        todo: dict[str, Tensor] = {}
+        if dX is not None and fused:
+            todo["dX"] = dX
+        if measure and not fused:
+            todo["exact"] = dX
+        if approx is not None:
+            todo["approx"] = approx
+        if dA is not None:
+            todo["dA"] = dA
+        if todo:
+            done = all_reduce_many(todo, self.tp_group)
+            if measure:
+                self.error.add(done["dX" if fused else "exact"], done.get("approx"))
+            if fused and dX is not None:
+                dX = done["dX"]
+            # a private copy: a view would pin the whole flat buffer (T×n) to .grad
+            dA = done["dA"].clone() if dA is not None else None
+        return dX, dA
+
+    def _full_k_and_m(self) -> tuple[int, int]:
+        return self.full_k, self.full_out_features
 
     def _next_selection(self, ref_sq: float) -> Tensor | None:
         if not self.adaptive:
@@ -344,27 +292,25 @@ class RowParallelCELoRALinear(_TPCELoRALinear):
 
     parallel_mode = "row"
 
-    def _shard(self, full: CELoRALinear) -> None:
-        n, tp, t = full.in_features, self.tp_size, self.tp_rank
+    @classmethod
+    def _shard(cls, full, tp_group, tp, t):
+        n = full.in_features
         if n % tp:
-            raise ValueError(f"{self.name or 'layer'}: in_features {n} is not divisible by TP size {tp}")
+            raise ValueError(f"{full.name or 'layer'}: in_features {n} is not divisible by TP size {tp}")
         n_l = n // tp
         cols = slice(t * n_l, (t + 1) * n_l)
         base = full.base_layer
-        self.in_features, self.out_features = n_l, full.out_features
-        self.k, self.is_exact = full.k, full.is_exact
         bias = None if base.bias is None else _own(base.bias)
-        self.base_layer = _frozen_linear(_own(base.weight[:, cols]), bias)
-        self.lora_A = _lora_linear(_own(full.lora_A.weight[:, cols]))
-        self.lora_B = _lora_linear(_own(full.lora_B.weight))
-        if self.is_exact:
-            self._set_factors(None, None, None)
-        else:
-            B0 = _own(full.B0)
-            A0 = _own(full.A0[:, cols])
-            ws_row_sq = residual_row_sq(self.base_layer.weight, B0, A0)  # partial: this column shard
-            ws_row_sq = all_reduce_many({"ws": ws_row_sq}, self.tp_group)["ws"].clone()
-            self._set_factors(B0, A0, ws_row_sq)
+        shard = _frozen_linear(_own(base.weight[:, cols]), bias)
+        factors = None
+        if not full.is_exact:
+            B0, A0 = _own(full.B0), _own(full.A0[:, cols])
+            ws_row_sq = residual_row_sq(shard.weight, B0, A0)  # partial: this column shard
+            ws_row_sq = all_reduce_many({"ws": ws_row_sq}, tp_group)["ws"].clone()
+            factors = (B0, A0, ws_row_sq)
+        return shard, factors, (_own(full.lora_A.weight[:, cols]), _own(full.lora_B.weight))
+
+    def _mark_shards(self) -> None:
         _mark_sharded([self.base_layer.weight, self.lora_A.weight, self.A0], dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -374,16 +320,16 @@ class RowParallelCELoRALinear(_TPCELoRALinear):
             self.lora_A.weight, self.lora_B.weight, self.B0, self.A0, self,
         )
 
-    def _finish_step(self) -> None:
+    def finish_step(self) -> None:
         if self._pending_colsq is None:
-            super()._finish_step()
+            super().finish_step()
             return
         # Telemetry: the full dX's squared error is the sum over the column shards.
         sums = torch.tensor([self.error.err_sq, self.error.ref_sq], dtype=torch.float64,
                             device=self.base_layer.weight.device)
         sums = all_reduce_many({"s": sums}, self.tp_group)["s"]
         self.error.err_sq, self.error.ref_sq = float(sums[0]), float(sums[1])
-        super()._finish_step()
+        super().finish_step()
         # identical I on every TP rank, by construction: the first rank's kept mask wins
         # (a mask, not the indices: adaptive keep may choose another k, or none, elsewhere)
         kept = torch.zeros(self.out_features, dtype=torch.uint8, device=self.base_layer.weight.device)
@@ -404,5 +350,4 @@ def tp_layers(model: nn.Module):
             yield name, module
 
 
-__all__ = ["ColumnParallelCELoRALinear", "RowParallelCELoRALinear", "residual_row_sq", "tp_layers"]
-
+__all__ = ["ColumnParallelCELoRALinear", "RowParallelCELoRALinear", "tp_layers"]

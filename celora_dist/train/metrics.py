@@ -10,6 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+# The fields of every training record; CE-LoRA telemetry (celora_record) adds others.
+STEP_FIELDS = ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "step_time_s", "peak_mem_mb")
+
 
 def peak_memory_mb() -> float:
     import torch
@@ -17,6 +20,40 @@ def peak_memory_mb() -> float:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def step_record(engine, step: int, loss: float, tokens: int, lr: float, t0: float, dp_group: Any) -> dict[str, Any]:
+    """The metrics.jsonl record of optimizer step ``step`` (``loss``: this rank's mean over its
+    micro-batches, ``t0``: when the step started).
+
+    Loss and token count are averaged / summed over the data-parallel group, not the world:
+    the ranks of a TP group share one batch. The step time includes that all-reduce, and
+    CE-LoRA's telemetry of the step (:func:`celora_record`) is merged in."""
+    import torch
+    import torch.distributed as dist
+
+    stats = torch.tensor([loss, float(tokens)], dtype=torch.float64)
+    dist.all_reduce(stats, group=dp_group)
+    step_time = time.perf_counter() - t0
+    record = {"step": step, "loss": stats[0].item() / dist.get_world_size(dp_group), "lr": lr,
+              "grad_norm": _float(engine.get_global_grad_norm()), "tokens": int(stats[1].item()),
+              "tokens_per_s": stats[1].item() / step_time, "step_time_s": step_time,
+              "peak_mem_mb": peak_memory_mb()}
+    record.update(celora_record(engine.module, step))  # dX errors, head error, adaptive k on refresh steps
+    return record
+
+
+def has_telemetry(record: dict[str, Any]) -> bool:
+    """True when CE-LoRA measured or chose something on this step (such records are always written)."""
+    return any(key not in STEP_FIELDS for key in record)
+
+
+def _float(x) -> float | None:
+    """DeepSpeed's grad norm as a float (None when it has none: a tensor, float or None by stage)."""
+    try:
+        return None if x is None else float(x)
+    except (TypeError, ValueError):
+        return None
 
 
 class Metrics:
@@ -78,21 +115,17 @@ def celora_record(model, step: int) -> dict[str, Any]:
     ``chosen_keep`` = k / m. Empty when nothing was measured or chosen on this step.
     """
     from celora_dist import telemetry
-    from celora_dist.head import VocabSparseLMHead
-    from celora_dist.selection import scheduled_modules
 
+    entries = telemetry(model)  # k and m are the full layer's (a column-parallel shard reports the union)
     record: dict[str, Any] = {}
-    errors = {name: t["rel_error"] for name, t in telemetry(model).items()
+    errors = {name: t["rel_error"] for name, t in entries.items()
               if t["step"] == step and t["rel_error"] is not None}
     if errors:
         record["grad_rel_error"] = errors
-    heads = [name for name, m in scheduled_modules(model) if isinstance(m, VocabSparseLMHead) and name in errors]
+    heads = [name for name, t in entries.items() if t["kind"] == "lm_head" and name in errors]
     if heads:
         record["head_rel_error"] = errors[heads[0]]
-    # the full layer's k and m (a column-parallel TP layer's own are its shard's)
-    chosen = {name: (getattr(m, "full_k", m.k), getattr(m, "full_out_features", m.out_features))
-              for name, m in scheduled_modules(model)
-              if getattr(m, "adaptive", False) and step % m.refresh_every == 0 and m.step == step + 1}
+    chosen = {name: (t["k"], t["m"]) for name, t in entries.items() if t["k_chosen_at"] == step}
     if chosen:
         record["chosen_k"] = {name: k for name, (k, _) in chosen.items()}
         record["chosen_keep"] = {name: round(k / m, 4) for name, (k, m) in chosen.items()}

@@ -1,0 +1,88 @@
+"""The model-level CE-LoRA schedule: one call per optimizer step, telemetry, checkpoint state.
+
+The schedule is counted in optimizer steps. On a refresh step every backward of the
+step (all gradient-accumulation micro-batches) is exact and adds its squared G column
+norms to the layer's pending scores; :func:`on_optimizer_step` then sums them over the
+data-parallel group (``sync_indices``), and each module picks its new indices, which
+apply from the next backward on. Modules are reached only through the
+:class:`~celora_dist.scheduled.ScheduledModule` contract.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .scheduled import ScheduledModule
+
+
+def scheduled_modules(model: nn.Module) -> Iterator[tuple[str, ScheduledModule]]:
+    """CE-LoRA layers and vocab-sparse heads: everything on_optimizer_step drives."""
+    for name, module in model.named_modules():
+        if isinstance(module, ScheduledModule):
+            yield name, module
+
+
+def _all_reduce_statistics(pending: list[tuple[ScheduledModule, Tensor]], group: Any) -> None:
+    """Sum every module's pending statistics over ``group`` in ONE all-reduce."""
+    flat = torch.cat([stats for _, stats in pending])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    offset = 0
+    for module, stats in pending:
+        module.load_synced_statistics(flat[offset:offset + stats.numel()])
+        offset += stats.numel()
+
+
+def on_optimizer_step(model: nn.Module, group: Any = None) -> None:
+    """Advance every CE-LoRA layer's step counter; finish a refresh if this step was one.
+
+    Call once per optimizer step (after ``optimizer.step()`` / ``engine.step()``),
+    never per micro-batch. ``group``: the data-parallel process group used to sync
+    scores (default: the world, when torch.distributed is initialised).
+    """
+    modules = [module for _, module in scheduled_modules(model)]
+    pending = [(module, module.pending_statistics()) for module in modules if module.sync_indices]
+    sync = [(module, stats) for module, stats in pending if stats is not None]
+    if group is None and any(module.tp_size > 1 for module, _ in sync):
+        # Column-parallel layers score their own shard: a world all-reduce would add
+        # different shards' scores together (a silent wrong selection).
+        raise ValueError("on_optimizer_step: the model has tensor-parallel CE-LoRA layers; pass the "
+                         "data-parallel group (group=None sums scores across TP shards)")
+    if sync and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        _all_reduce_statistics(sync, group)
+    for module in modules:
+        module.finish_step()
+
+
+def telemetry(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Per approximate layer (and vocab-sparse head): the relative dX error last measured.
+
+    ``rel_error`` is ‖dX_approx − dX_exact‖ / ‖dX_exact‖ of the indices that were in
+    use during that step (None before the first measurement); ``k`` and ``m`` give
+    the kept and total output features of the full layer, ``step`` the optimizer step
+    measured, ``kind`` "linear" or "lm_head", ``k_chosen_at`` the refresh step on which
+    an adaptive layer last chose its k (None otherwise).
+    """
+    out = {}
+    for name, module in scheduled_modules(model):
+        entry = module.telemetry()
+        if entry is not None:
+            out[name] = entry
+    return out
+
+
+def celora_state_dict(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """The schedule state a checkpoint must carry: step counters and selected indices."""
+    return {name: module.schedule_state() for name, module in scheduled_modules(model)}
+
+
+def load_celora_state_dict(model: nn.Module, state: dict[str, dict[str, Any]]) -> None:
+    """Restore :func:`celora_state_dict`; names must match the model's scheduled modules."""
+    modules = dict(scheduled_modules(model))
+    missing, unexpected = sorted(set(modules) - set(state)), sorted(set(state) - set(modules))
+    if missing or unexpected:
+        raise ValueError(f"CE-LoRA state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, entry in state.items():
+        modules[name].load_schedule_state(entry)

@@ -1,0 +1,57 @@
+"""The contract between a module whose backward follows the CE-LoRA schedule and the
+model-level driver (``celora_dist/schedule.py``: ``on_optimizer_step``, ``telemetry``,
+``celora_state_dict``).
+
+Implemented by :class:`~celora_dist.layer.CELoRALinear`, both tensor-parallel layers
+and the vocab-sparse LM head. The driver talks to modules only through these
+methods, so a new kind of scheduled module declares what it does here instead of
+imitating private attributes (in the spirit of PEFT's ``LoraVariant``).
+
+Per optimizer step the driver calls, in this order:
+
+1. ``pending_statistics()`` on every module with ``sync_indices``: the step's
+   data-parallel-summable statistics (refresh-step scores and error sums) as one
+   1-D fp32 tensor, or None when nothing is pending;
+2. ``load_synced_statistics(t)`` with the sum of those tensors over the DP group;
+3. ``finish_step()`` on every module: choose the next indices if this was a refresh
+   step, publish the measured error, advance the step counter.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+from torch import Tensor
+
+
+class ScheduledModule(abc.ABC):
+    """Mixin for ``nn.Module`` classes driven by ``celora_dist.on_optimizer_step``."""
+
+    sync_indices: bool = False  # statistics are summed over the data-parallel group
+    tp_size: int = 1  # > 1: statistics cover this rank's TP shard; the DP group must be explicit
+
+    @abc.abstractmethod
+    def pending_statistics(self) -> Tensor | None:
+        """This step's DP-summable statistics as one 1-D fp32 tensor, None when none are pending."""
+
+    @abc.abstractmethod
+    def load_synced_statistics(self, stats: Tensor) -> None:
+        """Replace the pending statistics by ``stats`` (their sum over the DP group)."""
+
+    @abc.abstractmethod
+    def finish_step(self) -> None:
+        """End of one optimizer step: finish a refresh if this was one, advance the counter."""
+
+    @abc.abstractmethod
+    def telemetry(self) -> dict[str, Any] | None:
+        """The last measured relative dX error with its step and the full layer's k and m
+        (keys ``rel_error``, ``step``, ``k``, ``m``, ``kind``, ``k_chosen_at``); None when the
+        module never approximates."""
+
+    @abc.abstractmethod
+    def schedule_state(self) -> dict[str, Any]:
+        """What a checkpoint must carry to continue exactly: ``step`` and ``selected`` (CPU or None)."""
+
+    @abc.abstractmethod
+    def load_schedule_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`schedule_state`; pending statistics and error sums start empty."""
