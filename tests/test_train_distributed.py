@@ -21,10 +21,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .train_utils import TINY_FLAGS, assert_losses_match, assert_same_adapter, free_port, read_metrics, run_train, show, train_losses
+from .train_utils import (CRASH_AT_SAVE, TINY_FLAGS, assert_losses_match, assert_same_adapter, free_port,
+                          read_metrics, run_train, show, train_losses)
 
 TWO_RANK = ["--micro-batch", "4", "--max-steps", "20", "--refresh-every", "4", "--dump-celora-state"]
-CRASH_ENV = "CELORA_TEST_CRASH_AT_SAVE"
 
 
 def _selected(out, rank: int) -> dict:
@@ -86,7 +86,7 @@ def test_zero2_loss_falls_and_unsynced_indices_differ(assets, zero2_nosync):
 def test_zero2_resume_after_crash_mid_save_is_identical(zero2_nosync, tmp_path):
     straight, args = zero2_nosync
     out = tmp_path / "crashed"
-    crashed = run_train(args + ["--output-dir", str(out)], nproc=2, extra_env={CRASH_ENV: "20"})
+    crashed = run_train(["--crash-at-save", "20", *args, "--output-dir", str(out)], nproc=2, script=CRASH_AT_SAVE)
     assert crashed.returncode != 0, show(crashed)
     ckpt = out / "checkpoints"
     # The step-20 files were written but never committed: 'latest' still names step 10.

@@ -11,6 +11,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"
+CRASH_AT_SAVE = REPO / "tests" / "crash_at_save.py"  # launch/train.py with a crash in one checkpoint save
 WORDS = ["red", "blue", "green", "cat", "dog", "fish", "run", "jump", "swim", "big", "small", "fast"]
 
 
@@ -100,13 +101,14 @@ def env() -> dict[str, str]:
 
 
 def run_train(args: list[str], nproc: int = 1, timeout: int = 240, extra_env: dict | None = None,
-              port: int | None = None) -> subprocess.CompletedProcess:
-    """Run launch/train.py; ``nproc`` > 1 goes through DeepSpeed's launcher."""
+              port: int | None = None, script: Path = TRAIN) -> subprocess.CompletedProcess:
+    """Run launch/train.py (or ``script``, a wrapper of it such as CRASH_AT_SAVE); ``nproc`` > 1
+    goes through DeepSpeed's launcher."""
     if nproc == 1:
-        cmd = [sys.executable, str(TRAIN), *args]
+        cmd = [sys.executable, str(script), *args]
     else:
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-               "--master_port", str(port or free_port()), str(TRAIN), *args]
+               "--master_port", str(port or free_port()), str(script), *args]
     e = env()
     e.update(extra_env or {})
     return subprocess.run(["timeout", "-k", "10", str(timeout), *cmd], cwd=REPO, env=e,

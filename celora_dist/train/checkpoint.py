@@ -18,12 +18,10 @@ import random
 from pathlib import Path
 from typing import Any
 
-from .cli import UsageError
+from .errors import UsageError
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
-# Fault injection for the tests: die after writing step N's files, before committing it.
-CRASH_ENV = "CELORA_TEST_CRASH_AT_SAVE"
 
 
 def tag_for(step: int) -> str:
@@ -98,34 +96,40 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], run: dict[str, Any]) -> str:
-    """Save everything for ``step`` on every rank (collective), then commit the tag on rank 0.
+    """Save everything for ``step`` on every rank (collective), then :func:`commit` the tag.
 
     ``run``: the set-up a resume must match (see :func:`check_compatible`)."""
-    import json
-
     import torch.distributed as dist
 
-    from ..selection import celora_state_dict
+    from .. import celora_state_dict
 
     tag = tag_for(step)
     # Frozen weights (W0, B0, A0: rebuilt from the base model at start) are not saved.
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False,
                            exclude_frozen_parameters=True)
-    rank = dist.get_rank()
-    tag_dir = ckpt_dir / tag
     buf = _serialize({"celora": celora_state_dict(engine.module), "rng": _rng_state(), "step": step})
-    _atomic_write(_rank_file(tag_dir, rank), buf)
-    if os.environ.get(CRASH_ENV) == str(step):
-        dist.barrier()
-        print(f"{CRASH_ENV}={step}: simulating a crash before the checkpoint is committed", flush=True)
-        os._exit(17)
+    _atomic_write(_rank_file(ckpt_dir / tag, dist.get_rank()), buf)
+    commit(ckpt_dir, tag, run)
+    return tag
+
+
+def commit(ckpt_dir: Path, tag: str, run: dict[str, Any]) -> None:
+    """Make ``tag`` the one ``--resume`` loads, once every rank has written its files (collective).
+
+    Rank 0 writes RUN_INFO, then COMPLETE, then replaces ``latest``, between two barriers:
+    a crash before or inside this call leaves the previous tag as ``latest``. (The seam
+    tests/crash_at_save.py replaces to kill a run between the files and the commit.)"""
+    import json
+
+    import torch.distributed as dist
+
+    tag_dir = ckpt_dir / tag
     dist.barrier()
-    if rank == 0:
+    if dist.get_rank() == 0:
         _atomic_write(tag_dir / RUN_INFO, json.dumps(run).encode())
         _atomic_write(tag_dir / COMPLETE, b"")
         _atomic_write(ckpt_dir / LATEST, tag.encode())
     dist.barrier()
-    return tag
 
 
 def _serialize(obj) -> bytes:
@@ -143,7 +147,7 @@ def load(engine, ckpt_dir: Path, tag: str) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
-    from ..selection import load_celora_state_dict
+    from .. import load_celora_state_dict
 
     rank = dist.get_rank()
     rank_file = _rank_file(ckpt_dir / tag, rank)

@@ -7,20 +7,16 @@ naming the flag or file at fault.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
-from typing import Any
 
 from ..config import AUTO, RELEASED_KEEP, CELoRAConfig
+from .checkpoint import find_checkpoint
+# UsageError is re-exported: ``from celora_dist.train.cli import UsageError`` keeps working.
+from .errors import UsageError, load_mapping
 
 METHODS = ("celora", "lora")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("fp32", "bf16")
-
-
-class UsageError(ValueError):
-    """Bad input from the user: printed as ``error: ...`` and exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,32 +118,11 @@ def _parse_keep(text: str) -> dict[str, float | str]:
     return keep
 
 
-def _load_mapping(path: str, what: str) -> dict[str, Any]:
-    file = Path(path)
-    if not file.is_file():
-        raise UsageError(f"{what}: no such file {path}")
-    text = file.read_text()
-    try:
-        if file.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{what} {path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    except Exception as e:  # yaml.YAMLError and friends
-        raise UsageError(f"{what} {path}: cannot parse: {e}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{what} {path}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
-
-
 def celora_config_from_args(args: argparse.Namespace) -> CELoRAConfig:
     """CELoRAConfig from --celora-config, then the CLI overrides, then --method."""
     base = CELoRAConfig().to_dict()
     if args.celora_config:
-        base.update(_load_mapping(args.celora_config, "--celora-config"))
+        base.update(load_mapping(args.celora_config, "--celora-config"))
     for flag, key in (("r", "r"), ("alpha", "alpha"), ("r0", "r0"), ("refresh_every", "refresh_every")):
         if getattr(args, flag) is not None:
             base[key] = getattr(args, flag)
@@ -224,11 +199,5 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.zero_shot is None:
         args.zero_shot = args.embedded
     if args.resume is not None:
-        from .checkpoint import find_checkpoint
-
         args.resume_dir, args.resume_tag = find_checkpoint(args.resume)
     return args
-
-
-def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))

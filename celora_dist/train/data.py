@@ -13,6 +13,7 @@ Order per epoch is a seeded permutation split across data-parallel ranks exactly
 """
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import re
@@ -21,7 +22,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .cli import UsageError
+from .errors import UsageError
 
 IGNORE = -100
 _OPTION = re.compile(r"^\s*([A-Z])[.)]\s*(.*)$")
@@ -142,6 +143,17 @@ def split_records(records: list[dict], eval_fraction: float) -> tuple[list[dict]
     return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
 
 
+def file_task(data: str | Path, eval_data: str | Path | None, eval_fraction: float,
+              mc_format: str = "text") -> tuple[list[dict], list[dict], str]:
+    """(train, held-out, description) for --data: held out from --eval-data, else a fixed split of --data."""
+    train = read_records(data, mc_format)
+    if eval_data:
+        held = read_records(eval_data, mc_format)
+    else:
+        train, held = split_records(train, eval_fraction)
+    return train, held, f"{Path(data).name}: {len(train)} train / {len(held)} held out"
+
+
 def encode(tokenizer, prompt: str, answer: str, seq_len: int, eos: bool = True) -> tuple[list[int], int]:
     """Token ids of prompt + " " + answer (+ EOS) and the index where the answer starts.
 
@@ -227,3 +239,16 @@ class StepBatches:
                 yield [collate(self.dataset.select(chunk[i:i + self.mb]).to_list(), self.pad_id)
                        for i in range(0, per_step, self.mb)]
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
+
+
+def step_batches(records: list[dict], tokenizer, args: argparse.Namespace, dp_group: Any) -> StepBatches:
+    """This data-parallel rank's share of ``records``, tokenized and grouped by optimizer step.
+
+    Split over the DP group, not the world: the ranks of a TP group must see the same
+    batches (their layers exchange activations). Pads with the EOS id when the tokenizer
+    has no pad token."""
+    import torch.distributed as dist
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return StepBatches(tokenize(records, tokenizer, args.seq_len), args.micro_batch, args.grad_accum,
+                       dist.get_rank(dp_group), dist.get_world_size(dp_group), args.seed, pad_id)

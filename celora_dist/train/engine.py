@@ -14,7 +14,8 @@ import os
 import socket
 from typing import Any
 
-from .cli import UsageError, _load_mapping
+from .errors import UsageError, load_mapping
+from .parallel import resolve_tp
 
 # Top-level sections DeepSpeed 0.16-0.19 reads. Keys starting with "_" or "comment" are comments.
 KNOWN_TOP_LEVEL = {
@@ -63,7 +64,7 @@ def resolve_ds_config(path: str, args, world_size: int) -> dict[str, Any]:
 
     Batch sizes count data-parallel ranks: with tensor parallelism (TP size from
     ``tensor_parallel.autotp_size`` or --tp) that is ``world_size // tp``."""
-    cfg = _load_mapping(path, "--deepspeed_config")
+    cfg = load_mapping(path, "--deepspeed_config")
     where = f"--deepspeed_config {path}"
     unknown = sorted(k for k in cfg if k not in KNOWN_TOP_LEVEL and not _is_comment(k))
     if unknown:
@@ -80,8 +81,6 @@ def resolve_ds_config(path: str, args, world_size: int) -> dict[str, Any]:
     if "optimizer" in cfg or "scheduler" in cfg:
         raise UsageError(f"{where}: remove the optimizer/scheduler sections; the trainer builds AdamW "
                          f"and the schedule from --lr/--lr-schedule/--warmup")
-    from .parallel import resolve_tp
-
     tp = resolve_tp(cfg, args, world_size, where)  # sets args.tp; TP + ZeRO-3 refused here
     dp_size = world_size // tp  # DeepSpeed's batch arithmetic counts data-parallel ranks
     ranks = "rank(s)" if tp == 1 else f"data-parallel rank(s) (TP {tp})"
@@ -217,10 +216,12 @@ def lr_lambda(schedule: str, warmup: int, total: int):
 
 
 def sync_lr_after_resume(scheduler) -> None:
-    """Set the lr of the restored step from this run's schedule (--max-steps may have changed)."""
+    """Set the optimizer's lr for the restored step from this run's schedule (--max-steps may have changed).
+
+    Only the optimizer's param groups change (the trainer reads the lr there, ``engine.get_lr()``);
+    the scheduler's next ``step()`` recomputes the lr from ``last_epoch`` and this run's lambda."""
     for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * fn(scheduler.last_epoch)
-    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 def build_engine(model, ds_config: dict, args, total_steps: int):
@@ -259,13 +260,3 @@ def register_zero3_params(model) -> None:
             for child in (module.base_layer, module.lora_A, module.lora_B):
                 for param in child.parameters(recurse=False):
                     register_external_parameter(module, param)
-
-
-def data_parallel_group():
-    """The DP process group (the world when no model parallelism is configured)."""
-    try:
-        from deepspeed.utils import groups
-
-        return groups._get_data_parallel_group()
-    except Exception:
-        return None

@@ -22,7 +22,8 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def step_record(engine, step: int, loss: float, tokens: int, lr: float, t0: float, dp_group: Any) -> dict[str, Any]:
+def step_record(engine, step: int, loss: float, tokens: int, lr: float, t0: float,
+                dp_group: Any) -> dict[str, Any]:
     """The metrics.jsonl record of optimizer step ``step`` (``loss``: this rank's mean over its
     micro-batches, ``t0``: when the step started).
 

@@ -1,4 +1,4 @@
-"""Tensor parallelism in the trainer (DESIGN.md §2, docs/parallel.md).
+"""Tensor parallelism in the trainer (docs/design.md §2, docs/parallel.md).
 
 The TP size is ``tensor_parallel.autotp_size`` of the DeepSpeed config (``--tp N``
 fills it). Ranks form a TP x DP grid of DeepSpeed's own groups
@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .cli import UsageError
+from .errors import UsageError
 
 # Keys of DeepSpeed's "tensor_parallel" section that mean something here. The others
 # configure AutoTP's own sharding, which the trainer replaces with its CE-LoRA layers.
@@ -84,15 +84,21 @@ def check_tp_model(model_dir, tp: int) -> None:
 
 
 def process_groups(tp: int) -> tuple[Any, Any]:
-    """(tp_group, dp_group) from DeepSpeed; (None, the world's DP group) without TP.
+    """(tp_group, dp_group): DeepSpeed's TP x DP grid; (None, the world) without TP.
 
-    With TP the ranks of a TP group are consecutive (DeepSpeed's mesh): global rank
-    g has TP rank g % tp and DP rank g // tp.
+    The one place the trainer looks up its data-parallel group (the data split, the loss
+    all-reduce, the CE-LoRA score sync and the evaluation all use it). With TP the ranks
+    of a TP group are consecutive (DeepSpeed's mesh): global rank g has TP rank g % tp
+    and DP rank g // tp; both groups come from DeepSpeed's public getters. Without TP the
+    DP group is every rank: DeepSpeed's public ``get_data_parallel_group()`` only knows a
+    DP group once model-parallel groups exist (it asserts otherwise), and the engine's own
+    DP group is then a clone of the world, so the world group has the same ranks in the
+    same order.
     """
     if tp == 1:
-        from .engine import data_parallel_group
+        import torch.distributed as dist
 
-        return None, data_parallel_group()
+        return None, dist.group.WORLD
     from ..parallel import init_tp_groups
 
     return init_tp_groups(tp)

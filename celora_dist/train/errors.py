@@ -1,0 +1,36 @@
+"""User errors and the config-file reader that every trainer module shares.
+
+A leaf (standard library only): cli, engine, parallel, checkpoint, data and embedded
+all raise :class:`UsageError` and read JSON/YAML files without importing one another.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class UsageError(ValueError):
+    """Bad input from the user: printed as ``error: ...`` and exit status 2."""
+
+
+def load_mapping(path: str, what: str) -> dict[str, Any]:
+    """The JSON (or ``.yaml``/``.yml``) object in ``path``; errors name ``what`` (the flag) and the file."""
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"{what}: no such file {path}")
+    text = file.read_text()
+    try:
+        if file.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{what} {path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except Exception as e:  # yaml.YAMLError and friends
+        raise UsageError(f"{what} {path}: cannot parse: {e}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{what} {path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data

@@ -1,0 +1,47 @@
+"""The base model: its target modules checked from the config alone, then loaded.
+
+:func:`check_targets` builds a weightless (meta-device) skeleton so a typo in the
+CE-LoRA targets costs a config read, not a model load; :func:`load` reads the
+tokenizer and the weights once every check has passed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..config import CELoRAConfig
+from .errors import UsageError
+
+
+def check_targets(model_dir: str | Path, cfg: CELoRAConfig) -> None:
+    """Fail before loading weights if a target module name is not in the model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except Exception as e:
+        raise UsageError(f"--model {model_dir}: cannot read its config: {e}") from None
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    names = {n.rsplit(".", 1)[-1] for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)}
+    missing = [t for t in cfg.target_modules if t not in names]
+    if missing:
+        raise UsageError(f"target module(s) {missing} are not in {model_dir} "
+                         f"({type(skeleton).__name__}); its linear modules are {sorted(names)}")
+
+
+def load(model_dir: str | Path, dtype: str, seed: int) -> tuple[Any, Any]:
+    """(tokenizer, causal LM in ``dtype`` "fp32"/"bf16", KV cache off for training).
+
+    Seeds torch with ``seed`` first: every rank then draws the same LoRA initialisation
+    when the CE-LoRA layers are injected next."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
+    model.config.use_cache = False
+    return tokenizer, model

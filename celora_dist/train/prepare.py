@@ -1,0 +1,66 @@
+"""Everything a run needs settled before any real work: one :class:`Job`.
+
+:func:`prepare` reads the DeepSpeed config (batch sizes, TP size, dtype), checks a
+resume against the checkpoint's set-up, reads the train and held-out records and
+checks the model's target modules and TP split, all before torch.distributed or
+the weights are touched: a bad flag or file is a :class:`UsageError` within seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import checkpoint, data, embedded, engine, model, parallel
+
+
+@dataclass
+class Job:
+    """What this run trains, on what, and how it is laid out over the ranks."""
+
+    world: int  # ranks
+    tp: int  # tensor-parallel size (1: data parallel only)
+    zero_stage: int
+    is_main: bool  # global rank 0: writes metrics, summary, progress
+    ds_config: dict[str, Any]  # resolved: batch sizes, dtype, clipping, TP filled in
+    run_info: dict[str, Any]  # the set-up a resume must match (saved with each checkpoint)
+    model_dir: str | Path
+    train_records: list[dict]
+    eval_records: list[dict]
+    task: str  # one line for the banner
+
+
+def run_info(args: argparse.Namespace, world: int, zero_stage: int) -> dict[str, Any]:
+    """The set-up DeepSpeed cannot resume across (see checkpoint.check_compatible)."""
+    return {"world_size": world, "zero_stage": zero_stage, "dtype": args.dtype, "method": args.method,
+            "tp_size": args.tp}
+
+
+def prepare(args: argparse.Namespace) -> Job:
+    """Check and settle the run (fills args.micro_batch/grad_accum/tp/dtype; the embedded job's
+    step and evaluation counts). Raises UsageError; starts no process group, loads no weights."""
+    engine.setup_environment()
+    world = int(os.environ["WORLD_SIZE"])
+    ds_config = engine.resolve_ds_config(args.deepspeed_config, args, world)  # also the TP size: args.tp
+    zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    info = run_info(args, world, zero_stage)
+    if args.resume:
+        checkpoint.check_compatible(args.resume_dir, args.resume_tag, info)
+    if args.embedded:
+        model_dir = embedded.ensure_model(verbose=is_main)
+        train_records, eval_records, task = embedded.task_records(args.mc_format)
+        embedded.fill_defaults(args)
+    else:
+        model_dir = args.model
+        train_records, eval_records, task = data.file_task(args.data, args.eval_data, args.eval_fraction,
+                                                           args.mc_format)
+    if args.eval_samples is not None:
+        eval_records = eval_records[: args.eval_samples]
+    model.check_targets(model_dir, args.celora)
+    parallel.check_tp_model(model_dir, args.tp)
+    return Job(world=world, tp=args.tp, zero_stage=zero_stage, is_main=is_main, ds_config=ds_config,
+               run_info=info, model_dir=model_dir, train_records=train_records, eval_records=eval_records,
+               task=task)

@@ -1,0 +1,88 @@
+"""What happens around the training step: where the run starts, what each step leaves behind.
+
+:func:`start` resumes a checkpoint or seeds a fresh run; :class:`Run` holds what the
+loop shares (engine, held-out records, metrics log, checkpoint folder) so that
+``launch/train.py`` calls one method per event: a held-out evaluation, the end of an
+optimizer step (metrics.jsonl, periodic checkpoint and evaluation), a checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from . import checkpoint, evaluate
+from .engine import sync_lr_after_resume
+from .metrics import Metrics, has_telemetry
+from .prepare import Job
+
+
+def start(engine, scheduler, batches, args: argparse.Namespace, dp_group: Any) -> int:
+    """The optimizer step this run starts at.
+
+    Resume: the checkpoint's engine, CE-LoRA schedule, RNG states and data position, with
+    the lr this run's schedule gives the saved step (--max-steps may have changed). Fresh:
+    0, after seeding each DP replica's own dropout stream (a TP group shares one)."""
+    if args.resume:
+        client = checkpoint.load(engine, args.resume_dir, args.resume_tag)
+        sync_lr_after_resume(scheduler)
+        batches.load_state(client["data"])
+        return client["step"]
+    import torch
+    import torch.distributed as dist
+
+    torch.manual_seed(args.seed + dist.get_rank(dp_group))
+    return 0
+
+
+class Run:
+    """The loop's surroundings; creating it opens metrics.jsonl and prints the run's banner."""
+
+    def __init__(self, args: argparse.Namespace, job: Job, engine, tokenizer, batches, dp_group: Any,
+                 total_steps: int, step: int):
+        import torch.distributed as dist
+
+        self.args, self.job, self.engine, self.tokenizer, self.batches = args, job, engine, tokenizer, batches
+        self.dp_group, self.total_steps = dp_group, total_steps
+        self.output_dir = Path(args.output_dir)
+        self.ckpt_dir = self.output_dir / "checkpoints"
+        self.metrics = Metrics(self.output_dir, total_steps, step, job.is_main, resumed=bool(args.resume))
+        dp_world = dist.get_world_size(dp_group)
+        layout = f"ZeRO-{job.zero_stage} x {job.world} rank(s)"
+        if job.tp > 1:
+            layout += f" (TP {job.tp} x DP {dp_world})"
+        self.metrics.message(
+            f"{'CE-LoRA' if args.method == 'celora' else 'LoRA'} | {Path(job.model_dir).name} | {job.task} | "
+            f"{layout} | micro-batch {args.micro_batch} x grad-accum {args.grad_accum} "
+            f"| {total_steps} steps ({batches.steps_per_epoch}/epoch) | {args.dtype}"
+            + (f" | resumed at step {step}" if args.resume else ""))
+
+    def evaluate(self, label: str, step: int) -> dict[str, Any]:
+        """Held-out loss (and accuracy) split over the DP group; logged to metrics.jsonl and printed."""
+        t = time.perf_counter()
+        result = evaluate.evaluate(self.engine.module, self.tokenizer, self.job.eval_records, self.args.seq_len,
+                                   self.engine.device, group=self.dp_group)
+        result["eval_time_s"] = round(time.perf_counter() - t, 2)
+        self.metrics.write({"step": step, "eval": label, **result})
+        acc = f", accuracy {result['accuracy']:.4f}" if "accuracy" in result else ""
+        self.metrics.message(f"[{label}] held-out loss {result['eval_loss']:.4f}{acc} "
+                             f"on {len(self.job.eval_records)} examples ({result['eval_time_s']} s)")
+        return result
+
+    def after_step(self, step: int, record: dict[str, Any]) -> None:
+        """``step`` optimizer steps done: log ``record`` (every --log-every steps, on CE-LoRA
+        measurements and at the end), then the --save-every checkpoint and --eval-every evaluation
+        (the last step's come from the end of the run)."""
+        args = self.args
+        self.metrics.step(record, write=has_telemetry(record) or step % args.log_every == 0
+                          or step == self.total_steps)
+        if args.save_every and step % args.save_every == 0 and step < self.total_steps:
+            self.save(step)
+        if args.eval_every and step % args.eval_every == 0 and step < self.total_steps and self.job.eval_records:
+            self.evaluate(f"step {step}", step)
+
+    def save(self, step: int) -> None:
+        """Checkpoint after ``step`` optimizer steps, with the data position (collective)."""
+        checkpoint.save(self.engine, self.ckpt_dir, step, {"step": step, "data": self.batches.state()},
+                        self.job.run_info)
