@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import AUTO, RELEASED_KEEP, CELoRAConfig
+from ..config import AUTO, RELEASED_KEEP, CELoRAConfig, is_error_budget, is_fraction
 from .checkpoint import find_checkpoint
 # UsageError is re-exported: ``from celora_dist.train.cli import UsageError`` keeps working.
 from .errors import UsageError, load_mapping
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-sync-indices", action="store_true", help="each DP rank selects indices from its own G")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: 1 epoch; 40 for the embedded default)")
+    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: 1 epoch; 30 for the embedded default)")
     g.add_argument("--epochs", type=float, default=None, help="epochs over --data (alternative to --max-steps)")
     g.add_argument("--lr", type=float, default=2e-4)
     g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine")
@@ -109,7 +109,7 @@ def _parse_keep(text: str) -> dict[str, float | str]:
             frac = float(value)
         except ValueError:
             raise UsageError(f"--keep {name.strip()}: {value!r} is not a number") from None
-        if not (0.0 < frac <= 1.0):
+        if not is_fraction(frac):
             raise UsageError(f"--keep {name.strip()}={value}: keep must be in (0, 1] (the share of output "
                              f"features kept; 1 = exact)")
         keep[name.strip()] = frac
@@ -129,11 +129,11 @@ def celora_config_from_args(args: argparse.Namespace) -> CELoRAConfig:
     if args.no_sync_indices:
         base["sync_indices"] = False
     if args.error_budget is not None:
-        if not (0.0 <= args.error_budget < 1.0):
+        if not is_error_budget(args.error_budget):
             raise UsageError(f"--error-budget must be in [0, 1) (a relative dX error), got {args.error_budget}")
         base["error_budget"] = args.error_budget
     if args.head_keep is not None:
-        if not (0.0 < args.head_keep <= 1.0):
+        if not is_fraction(args.head_keep):
             raise UsageError(f"--head-keep must be in (0, 1] (the share of vocabulary rows kept), "
                              f"got {args.head_keep}")
         base["head_keep"] = args.head_keep
