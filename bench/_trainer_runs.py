@@ -48,7 +48,8 @@ def _train_main(argv: list[str]) -> None:
 
 def run_trainer(flags: list[str], out: Path, log: Callable[[str], None], in_process: bool = False) -> list[dict]:
     """Train into ``out``; returns the records of its metrics.jsonl. Exits with the log tail on failure."""
-    cmd = [sys.executable, str(TRAIN), *flags, "--output-dir", str(out)]
+    # the benchmarks own their run folders: a re-run replaces an unfinished one
+    cmd = [sys.executable, str(TRAIN), *flags, "--output-dir", str(out), "--overwrite-output-dir"]
     log(f"$ {' '.join(cmd[1:])}")
     if in_process:
         _train_main(cmd[2:])

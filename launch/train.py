@@ -32,6 +32,7 @@ from celora_dist.train import model as M
 from celora_dist.train import parallel as P
 from celora_dist.train import run as R
 from celora_dist.train.cli import UsageError, parse_args
+from celora_dist.train.errors import TrainingError
 from celora_dist.train.metrics import step_record
 from celora_dist.train.prepare import prepare
 
@@ -95,6 +96,6 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except UsageError as e:
+    except (UsageError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(2 if isinstance(e, UsageError) else 1)

@@ -13,6 +13,7 @@ from ..config import AUTO, RELEASED_KEEP, CELoRAConfig, is_error_budget, is_frac
 from .checkpoint import find_checkpoint
 # UsageError is re-exported: ``from celora_dist.train.cli import UsageError`` keeps working.
 from .errors import UsageError, load_mapping
+from .outputs import check_output_dir
 
 METHODS = ("celora", "lora")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -81,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(ZeRO 0-2 only; default: the config's, else 1)")
     g.add_argument("--output-dir", default="runs/celora", help="metrics.jsonl, checkpoints/, adapter/")
     g.add_argument("--resume", default=None, help="checkpoint folder (or an output dir) to continue from")
+    g.add_argument("--overwrite-output-dir", action="store_true",
+                   help="replace the run already in --output-dir (moved aside at start, deleted once this "
+                        "run's first checkpoint exists); without it such a folder is refused")
     g.add_argument("--save-every", type=int, default=0, help="save a checkpoint every N steps (0 = only at the end)")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0 = only at the end)")
     g.add_argument("--log-every", type=int, default=1, help="write metrics.jsonl every N steps")
@@ -198,6 +202,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.celora = celora_config_from_args(args)
     if args.zero_shot is None:
         args.zero_shot = args.embedded
+    args.resume_dir = args.resume_tag = None
     if args.resume is not None:
         args.resume_dir, args.resume_tag = find_checkpoint(args.resume)
+    check_output_dir(args.output_dir, args.resume, args.resume_dir, args.overwrite_output_dir)
     return args

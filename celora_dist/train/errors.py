@@ -14,6 +14,10 @@ class UsageError(ValueError):
     """Bad input from the user: printed as ``error: ...`` and exit status 2."""
 
 
+class TrainingError(RuntimeError):
+    """A run that cannot go on (a non-finite loss or gradient): printed as ``error: ...``, exit status 1."""
+
+
 def load_mapping(path: str, what: str) -> dict[str, Any]:
     """The JSON (or ``.yaml``/``.yml``) object in ``path``; errors name ``what`` (the flag) and the file."""
     file = Path(path)

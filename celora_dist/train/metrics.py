@@ -33,7 +33,7 @@ def step_record(engine, step: int, loss: float, tokens: int, lr: float, t0: floa
     import torch
     import torch.distributed as dist
 
-    stats = torch.tensor([loss, float(tokens)], dtype=torch.float64)
+    stats = torch.tensor([loss, float(tokens)], dtype=torch.float64, device=engine.device)  # NCCL: on the GPU
     dist.all_reduce(stats, group=dp_group)
     step_time = time.perf_counter() - t0
     record = {"step": step, "loss": stats[0].item() / dist.get_world_size(dp_group), "lr": lr,

@@ -8,12 +8,14 @@ optimizer step (metrics.jsonl, periodic checkpoint and evaluation), a checkpoint
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint, evaluate
+from . import checkpoint, evaluate, outputs
 from .engine import sync_lr_after_resume
+from .errors import TrainingError
 from .metrics import Metrics, has_telemetry
 from .prepare import Job
 
@@ -47,11 +49,18 @@ class Run:
         self.dp_group, self.total_steps = dp_group, total_steps
         self.output_dir = Path(args.output_dir)
         self.ckpt_dir = self.output_dir / "checkpoints"
+        # --overwrite-output-dir: the earlier run is moved aside now and deleted after our first checkpoint
+        self.previous_run = None
+        if job.is_main and args.overwrite_output_dir:
+            self.previous_run = outputs.set_aside_previous_run(self.output_dir)
         self.metrics = Metrics(self.output_dir, total_steps, step, job.is_main, resumed=bool(args.resume))
         dp_world = dist.get_world_size(dp_group)
         layout = f"ZeRO-{job.zero_stage} x {job.world} rank(s)"
         if job.tp > 1:
             layout += f" (TP {job.tp} x DP {dp_world})"
+        if self.previous_run is not None:
+            self.metrics.message(f"--overwrite-output-dir: the earlier run is in {self.previous_run} until this "
+                                 f"run's first checkpoint is complete")
         self.metrics.message(
             f"{'CE-LoRA' if args.method == 'celora' else 'LoRA'} | {Path(job.model_dir).name} | {job.task} | "
             f"{layout} | micro-batch {args.micro_batch} x grad-accum {args.grad_accum} "
@@ -77,12 +86,39 @@ class Run:
         args = self.args
         self.metrics.step(record, write=has_telemetry(record) or step % args.log_every == 0
                           or step == self.total_steps)
+        self.stop_if_not_finite(record)
         if args.save_every and step % args.save_every == 0 and step < self.total_steps:
             self.save(step)
         if args.eval_every and step % args.eval_every == 0 and step < self.total_steps and self.job.eval_records:
             self.evaluate(f"step {step}", step)
 
+    def stop_if_not_finite(self, record: dict[str, Any]) -> None:
+        """Raise TrainingError on every rank when any rank's loss or the gradient norm of this step
+        is NaN/inf — before anything is saved, so no checkpoint or adapter is overwritten with it.
+
+        One MAX all-reduce over the world makes the verdict common even where a rank's own record
+        might differ (every rank then stops at the same step: no rank waits in a collective)."""
+        import torch
+        import torch.distributed as dist
+
+        grad_norm = record.get("grad_norm")
+        bad = not math.isfinite(record["loss"]) or (grad_norm is not None and not math.isfinite(grad_norm))
+        flag = torch.tensor([float(bad)], device=self.engine.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() == 0:
+            return
+        latest = self.ckpt_dir / checkpoint.LATEST
+        kept = (f"the last complete checkpoint ({latest.read_text().strip()}) is untouched" if latest.is_file()
+                else "no checkpoint or adapter was written")
+        raise TrainingError(f"step {record['step']}: non-finite loss ({record['loss']}) or gradient norm "
+                            f"({grad_norm}) on at least one rank; stopped without saving: {kept}. "
+                            f"Lower --lr, keep --max-grad-norm on, or check the data of this step")
+
     def save(self, step: int) -> None:
         """Checkpoint after ``step`` optimizer steps, with the data position (collective)."""
         checkpoint.save(self.engine, self.ckpt_dir, step, {"step": step, "data": self.batches.state()},
                         self.job.run_info)
+        if self.previous_run is not None:  # this run now has a complete checkpoint of its own
+            outputs.remove_previous_run(self.previous_run)
+            self.metrics.message(f"removed the earlier run set aside in {self.previous_run}")
+            self.previous_run = None

@@ -12,6 +12,9 @@ resume=()
 if [ -f "$OUTPUT_DIR/checkpoints/latest" ]; then
     echo "resuming from $OUTPUT_DIR/checkpoints ($(cat "$OUTPUT_DIR/checkpoints/latest"))"
     resume=(--resume "$OUTPUT_DIR")
+elif [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then
+    # requeued before its first checkpoint: this job's own partial run holds nothing to continue
+    resume=(--overwrite-output-dir)
 fi
 echo "job $SLURM_JOB_ID: $SLURM_NNODES node(s), $SLURM_NTASKS rank(s), master $MASTER_ADDR:$MASTER_PORT, output $OUTPUT_DIR"
 srun --kill-on-bad-exit=1 bash launch/_rank_env.sh --output-dir "$OUTPUT_DIR" "${resume[@]}" "$@"
