@@ -32,7 +32,7 @@ from celora_dist.train import model as M
 from celora_dist.train import parallel as P
 from celora_dist.train import run as R
 from celora_dist.train.cli import UsageError, parse_args
-from celora_dist.train.errors import TrainingError
+from celora_dist.train.errors import StopRequested, TrainingError
 from celora_dist.train.metrics import step_record
 from celora_dist.train.prepare import prepare
 
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
         step += 1
         run.after_step(step, record)  # metrics.jsonl, --save-every checkpoint, --eval-every evaluation
     train_time = time.perf_counter() - t_start
-    run.metrics.close()
+    run.close()  # progress bar, signal handlers
 
     # ---- 3. finish: final checkpoint, PEFT adapter, held-out evaluation, summary ---------------
     run.save(step)
@@ -99,3 +99,8 @@ if __name__ == "__main__":
     except (UsageError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2 if isinstance(e, UsageError) else 1)
+    except StopRequested as e:
+        print(e, file=sys.stderr, flush=True)
+        sys.exit(e.exit_status)
+    finally:
+        E.shutdown()  # no process-group threads left to abort the exit

@@ -1,4 +1,4 @@
-"""launch/train.py with a NaN loss injected on one rank (tests/test_train_outputs.py).
+"""launch/train.py with a NaN loss injected on one rank (tests/test_train_faults.py).
 
     deepspeed --num_gpus 2 tests/nan_at_step.py --nan-at-step 3 --nan-rank 1 <launch/train.py flags>
 

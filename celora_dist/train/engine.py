@@ -175,6 +175,15 @@ def init_distributed() -> None:
         release_shm_workspace()
 
 
+def shutdown() -> None:
+    """Destroy the process group, if one was started: every rank then exits with no gloo/NCCL
+    worker threads left to abort the interpreter's exit."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def release_shm_workspace() -> None:
     """Unlink this rank's DeepSpeed CPU shared-memory all-reduce segment once every rank mapped it.
 

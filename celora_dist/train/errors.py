@@ -18,6 +18,14 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (a non-finite loss or gradient): printed as ``error: ...``, exit status 1."""
 
 
+class StopRequested(Exception):
+    """SIGTERM / Ctrl-C honoured at a step boundary (after a checkpoint): exit status 128 + signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_status = 128 + signum
+
+
 def load_mapping(path: str, what: str) -> dict[str, Any]:
     """The JSON (or ``.yaml``/``.yml``) object in ``path``; errors name ``what`` (the flag) and the file."""
     file = Path(path)

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from . import checkpoint, evaluate, outputs
 from .engine import sync_lr_after_resume
-from .errors import TrainingError
+from .errors import StopRequested, TrainingError
 from .metrics import Metrics, has_telemetry
 from .prepare import Job
 
@@ -49,6 +51,7 @@ class Run:
         self.dp_group, self.total_steps = dp_group, total_steps
         self.output_dir = Path(args.output_dir)
         self.ckpt_dir = self.output_dir / "checkpoints"
+        self.stop = StopSignals()
         # --overwrite-output-dir: the earlier run is moved aside now and deleted after our first checkpoint
         self.previous_run = None
         if job.is_main and args.overwrite_output_dir:
@@ -86,33 +89,47 @@ class Run:
         args = self.args
         self.metrics.step(record, write=has_telemetry(record) or step % args.log_every == 0
                           or step == self.total_steps)
-        self.stop_if_not_finite(record)
+        self.check_step(step, record)
         if args.save_every and step % args.save_every == 0 and step < self.total_steps:
             self.save(step)
         if args.eval_every and step % args.eval_every == 0 and step < self.total_steps and self.job.eval_records:
             self.evaluate(f"step {step}", step)
 
-    def stop_if_not_finite(self, record: dict[str, Any]) -> None:
-        """Raise TrainingError on every rank when any rank's loss or the gradient norm of this step
-        is NaN/inf — before anything is saved, so no checkpoint or adapter is overwritten with it.
+    def check_step(self, step: int, record: dict[str, Any]) -> None:
+        """Stop every rank together when any rank saw a non-finite loss / gradient norm (TrainingError,
+        nothing saved) or received SIGTERM / SIGINT (checkpoint of this step, then StopRequested).
 
-        One MAX all-reduce over the world makes the verdict common even where a rank's own record
-        might differ (every rank then stops at the same step: no rank waits in a collective)."""
+        One MAX all-reduce over the world makes the verdict common even where the ranks' own
+        views differ (a signal reaches one rank first): every rank stops at the same step, so no
+        rank is left waiting in a collective."""
         import torch
         import torch.distributed as dist
 
         grad_norm = record.get("grad_norm")
         bad = not math.isfinite(record["loss"]) or (grad_norm is not None and not math.isfinite(grad_norm))
-        flag = torch.tensor([float(bad)], device=self.engine.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() == 0:
-            return
+        flags = torch.tensor([float(bad), float(self.stop.signum or 0)], device=self.engine.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[0].item() != 0:
+            self.raise_not_finite(record)
+        if flags[1].item() != 0:
+            signum = int(flags[1].item())
+            self.save(step)
+            raise StopRequested(f"stopped by {signal.Signals(signum).name} after step {record['step']}: checkpoint "
+                                f"{checkpoint.tag_for(step)} saved; continue with --resume {self.output_dir}", signum)
+
+    def raise_not_finite(self, record: dict[str, Any]) -> None:
+        grad_norm = record.get("grad_norm")
         latest = self.ckpt_dir / checkpoint.LATEST
         kept = (f"the last complete checkpoint ({latest.read_text().strip()}) is untouched" if latest.is_file()
                 else "no checkpoint or adapter was written")
         raise TrainingError(f"step {record['step']}: non-finite loss ({record['loss']}) or gradient norm "
                             f"({grad_norm}) on at least one rank; stopped without saving: {kept}. "
                             f"Lower --lr, keep --max-grad-norm on, or check the data of this step")
+
+    def close(self) -> None:
+        """The loop is over: close the progress bar, stop intercepting SIGTERM / SIGINT."""
+        self.metrics.close()
+        self.stop.restore()
 
     def save(self, step: int) -> None:
         """Checkpoint after ``step`` optimizer steps, with the data position (collective)."""
@@ -122,3 +139,27 @@ class Run:
             outputs.remove_previous_run(self.previous_run)
             self.metrics.message(f"removed the earlier run set aside in {self.previous_run}")
             self.previous_run = None
+
+
+class StopSignals:
+    """SIGTERM (Slurm's warning before a kill) and SIGINT are noted, not acted on at once: the run
+    checkpoints at the next optimizer-step boundary and exits (Run.check_step). A second SIGINT
+    interrupts immediately."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._note)
+
+    def restore(self) -> None:
+        """Put the handlers back (the run's loop is over; main() may be called in-process)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def _note(self, signum: int, frame: Any) -> None:
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum

@@ -1,16 +1,26 @@
-"""No lost work: an earlier run in --output-dir is refused, replaced only when told to and
-only after the new run's first checkpoint exists; a non-finite loss stops every rank before
-anything is saved over a good checkpoint. Real trainer processes on the tiny model."""
+"""Faults (docs/faults.md), with real trainer processes on the tiny model: an earlier run in
+--output-dir is refused, replaced only when told to and only after the new run's first
+checkpoint exists; a non-finite loss stops every rank before anything is saved over a good
+checkpoint; SIGTERM (to one rank) checkpoints the current step on every rank and exits
+128 + 15, and --resume continues from there."""
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from .train_utils import CRASH_AT_SAVE, REPO, TINY_FLAGS, read_metrics, run_train, show
+from .train_utils import CRASH_AT_SAVE, REPO, TINY_FLAGS, TRAIN, env, free_port, read_metrics, run_train, show
 
 NAN_AT_STEP = REPO / "tests" / "nan_at_step.py"
+# Short 2-rank runs per parallel layout in the clean-exit stress test (~13 s each on 2 cores).
+STRESS_RUNS = int(os.environ.get("CELORA_STRESS_RUNS", "8"))
 
 
 def _flags(assets, steps: int) -> list[str]:
@@ -111,3 +121,66 @@ def test_non_finite_loss_on_one_rank_stops_all_before_saving(assets, tmp_path):
     assert not (out / "adapter").exists() and not (out / "summary.json").exists()
     steps = [r["step"] for r in read_metrics(out) if "loss" in r and "eval" not in r]
     assert steps == [0, 1, 2, 3]  # the bad step is logged, nothing after it ran
+
+
+def _steps_logged(out: Path) -> int:
+    try:
+        return len([r for r in read_metrics(out) if "loss" in r and "eval" not in r])
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def _start(args: list[str], nproc: int) -> subprocess.Popen:
+    cmd = [sys.executable, str(TRAIN), *args] if nproc == 1 else [
+        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
+        str(free_port()), str(TRAIN), *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _sigterm_after(proc: subprocess.Popen, out: Path, steps: int, nproc: int) -> tuple[int, str]:
+    """Once ``steps`` steps are logged, SIGTERM one rank (the last: the signal reaches one rank first,
+    as srun's may); returns (exit status, output)."""
+    deadline = time.time() + 180
+    while _steps_logged(out) < steps:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    # the rank processes: the script itself, not DeepSpeed's launchers that name it in their arguments
+    ranks = [p for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+             if str(TRAIN) in p.cmdline() and "deepspeed.launcher" not in " ".join(p.cmdline())]
+    assert len(ranks) == nproc, [p.cmdline() for p in ranks]
+    ranks[-1].send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=180)
+    return proc.returncode, stdout + stderr
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_checkpoints_the_step_and_resume_continues(assets, tmp_path, nproc):
+    out = tmp_path / f"term{nproc}"
+    flags = ["--model", str(assets["model"]), "--data", str(assets["mc"]), *TINY_FLAGS, "--eval-samples", "8",
+             "--no-final-eval", "--micro-batch", "2"]
+    rc, text = _sigterm_after(_start(flags + ["--max-steps", "400", "--output-dir", str(out)], nproc), out, 3, nproc)
+    assert rc == 128 + signal.SIGTERM, text[-4000:]
+    assert "stopped by SIGTERM after step" in text and "Traceback" not in text, text[-4000:]
+    done = _steps_logged(out)  # every rank stopped after the same step, whose checkpoint is complete
+    tag = (out / "checkpoints" / "latest").read_text()
+    assert tag == f"step{done:06d}" and (out / "checkpoints" / tag / "COMPLETE").is_file()
+    assert not (out / "adapter").exists()
+    resumed = run_train(flags + ["--max-steps", str(done + 2), "--output-dir", str(out), "--resume", str(out)],
+                        nproc=nproc)
+    assert resumed.returncode == 0, show(resumed)
+    assert [r["step"] for r in read_metrics(out) if "loss" in r and "eval" not in r] == list(range(done + 2))
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("config", ["ds_configs/tp2_zero1.json", "ds_configs/zero3.json"])
+def test_repeated_two_rank_runs_all_exit_cleanly(assets, tmp_path, config):
+    """A finished run exits 0 on every rank, every time (a rank once died in its exit with
+    'terminate called without an active exception', turning a finished run into status 250)."""
+    failures = []
+    for i in range(STRESS_RUNS):
+        proc = run_train(["--model", str(assets["model"]), "--data", str(assets["mc"]), *TINY_FLAGS,
+                          "--max-steps", "2", "--no-final-eval", "--deepspeed_config", config,
+                          "--output-dir", str(tmp_path / f"run{i}")], nproc=2)
+        if proc.returncode != 0 or "terminate called" in proc.stderr:
+            failures.append(f"run {i}: {show(proc)[-2500:]}")
+    assert not failures, "\n\n".join(failures)
