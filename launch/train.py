@@ -31,8 +31,8 @@ from celora_dist.train import finish as F
 from celora_dist.train import model as M
 from celora_dist.train import parallel as P
 from celora_dist.train import run as R
-from celora_dist.train.cli import UsageError, parse_args
-from celora_dist.train.errors import StopRequested, TrainingError
+from celora_dist.train.cli import parse_args
+from celora_dist.train.errors import exit_report
 from celora_dist.train.metrics import step_record
 from celora_dist.train.prepare import prepare
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- 1. set up: every check first, then processes, model + CE-LoRA, data, engine, resume --
     args = parse_args(argv)  # flags, config files, --resume folder
     job = prepare(args)  # DeepSpeed config, TP size, records, target modules: still no real work
-    E.init_distributed()
+    E.init_distributed(args.dist_timeout)  # a rank that stops responding fails the job, not hangs it
     tp_group, dp_group = P.process_groups(job.tp)  # DeepSpeed's TP x DP grid (tp_group None without TP)
     tokenizer, model = M.load(job.model_dir, args.dtype, args.seed)  # seeded: same LoRA init on every rank
     celora_dist.inject_celora(model, args.celora, verbose=job.is_main)
@@ -96,11 +96,9 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (UsageError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2 if isinstance(e, UsageError) else 1)
-    except StopRequested as e:
-        print(e, file=sys.stderr, flush=True)
-        sys.exit(e.exit_status)
+    except Exception as e:  # bad input, a non-finite step, SIGTERM, a collective timeout; others re-raised
+        message, status = exit_report(e)
+        print(message, file=sys.stderr, flush=True)
+        sys.exit(status)
     finally:
         E.shutdown()  # no process-group threads left to abort the exit

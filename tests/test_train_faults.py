@@ -130,11 +130,26 @@ def _steps_logged(out: Path) -> int:
         return 0
 
 
-def _start(args: list[str], nproc: int) -> subprocess.Popen:
+def _start(args: list[str], nproc: int, log: Path) -> subprocess.Popen:
+    """The trainer in the background, its output to ``log`` (a pipe nobody reads while the test
+    waits could fill up and stall the ranks)."""
     cmd = [sys.executable, str(TRAIN), *args] if nproc == 1 else [
         sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
         str(free_port()), str(TRAIN), *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=f, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen, log: Path, timeout: float) -> tuple[int, str]:
+    """Wait for ``proc`` (killing its process tree if it overruns); (exit status, output)."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+            p.kill()
+        proc.wait()
+        return -1, log.read_text() + f"\n[test: killed after {timeout} s]"
+    return proc.returncode, log.read_text()
 
 
 def _sigterm_after(proc: subprocess.Popen, out: Path, steps: int, nproc: int) -> tuple[int, str]:
@@ -142,15 +157,14 @@ def _sigterm_after(proc: subprocess.Popen, out: Path, steps: int, nproc: int) ->
     as srun's may); returns (exit status, output)."""
     deadline = time.time() + 180
     while _steps_logged(out) < steps:
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        assert proc.poll() is None and time.time() < deadline, (out.parent / f"{out.name}.log").read_text()[-4000:]
         time.sleep(0.2)
     # the rank processes: the script itself, not DeepSpeed's launchers that name it in their arguments
     ranks = [p for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
              if str(TRAIN) in p.cmdline() and "deepspeed.launcher" not in " ".join(p.cmdline())]
     assert len(ranks) == nproc, [p.cmdline() for p in ranks]
     ranks[-1].send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=180)
-    return proc.returncode, stdout + stderr
+    return _finish(proc, out.parent / f"{out.name}.log", 180)
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
@@ -158,7 +172,8 @@ def test_sigterm_checkpoints_the_step_and_resume_continues(assets, tmp_path, npr
     out = tmp_path / f"term{nproc}"
     flags = ["--model", str(assets["model"]), "--data", str(assets["mc"]), *TINY_FLAGS, "--eval-samples", "8",
              "--no-final-eval", "--micro-batch", "2"]
-    rc, text = _sigterm_after(_start(flags + ["--max-steps", "400", "--output-dir", str(out)], nproc), out, 3, nproc)
+    proc = _start(flags + ["--max-steps", "400", "--output-dir", str(out)], nproc, tmp_path / f"term{nproc}.log")
+    rc, text = _sigterm_after(proc, out, 3, nproc)
     assert rc == 128 + signal.SIGTERM, text[-4000:]
     assert "stopped by SIGTERM after step" in text and "Traceback" not in text, text[-4000:]
     done = _steps_logged(out)  # every rank stopped after the same step, whose checkpoint is complete
@@ -184,3 +199,64 @@ def test_repeated_two_rank_runs_all_exit_cleanly(assets, tmp_path, config):
         if proc.returncode != 0 or "terminate called" in proc.stderr:
             failures.append(f"run {i}: {show(proc)[-2500:]}")
     assert not failures, "\n\n".join(failures)
+
+
+def test_a_stopped_rank_fails_the_job_within_the_timeout_and_the_run_resumes(assets, tmp_path):
+    """SIGSTOP one of two ranks (a hang, not a death): the other fails after --dist-timeout with a
+    message (its collective times out, or the watchdog ends it), DeepSpeed's launcher then kills
+    the stopped rank (its 30 s grace), and --resume continues from the last complete checkpoint."""
+    out = tmp_path / "hang"
+    flags = ["--model", str(assets["model"]), "--data", str(assets["mc"]), *TINY_FLAGS, "--eval-samples", "8",
+             "--no-final-eval", "--micro-batch", "2", "--save-every", "2"]
+    proc = _start(flags + ["--max-steps", "400", "--dist-timeout", "10", "--output-dir", str(out)], 2,
+                  tmp_path / "hang.log")
+    deadline = time.time() + 180
+    while _steps_logged(out) < 3:
+        assert proc.poll() is None and time.time() < deadline, (out.parent / f"{out.name}.log").read_text()[-4000:]
+        time.sleep(0.2)
+    rank1 = [p for p in psutil.Process(proc.pid).children(recursive=True)
+             if str(TRAIN) in p.cmdline() and "--local_rank=1" in p.cmdline()]
+    assert len(rank1) == 1
+    stopped_at = time.time()
+    rank1[0].suspend()  # SIGSTOP
+    rc, text = _finish(proc, tmp_path / "hang.log", 10 + 30 + 60)
+    took = time.time() - stopped_at
+    assert rc != 0, text[-4000:]
+    # the stuck collective fails by the process group's timeout, or the watchdog ends the rank
+    assert ("error: a collective operation did not complete within --dist-timeout" in text
+            or "error: no progress for" in text), text[-4000:]
+    assert took < 10 + 5 + 30 + 25, took  # timeout, watchdog poll, the launcher's grace before SIGKILL, slack
+    tag = (out / "checkpoints" / "latest").read_text()
+    done = int(tag.removeprefix("step"))
+    assert done >= 2 and (out / "checkpoints" / tag / "COMPLETE").is_file()
+    resumed = run_train(flags + ["--max-steps", str(done + 2), "--output-dir", str(out), "--resume", str(out)],
+                        nproc=2)
+    assert resumed.returncode == 0, show(resumed)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_killed_rank_ends_the_job_within_seconds_and_the_run_resumes(assets, tmp_path):
+    """SIGKILL one of two ranks under DeepSpeed's launcher: the job ends non-zero within seconds
+    (the launcher sees the death and kills the other rank) and --resume continues."""
+    out = tmp_path / "kill"
+    flags = ["--model", str(assets["model"]), "--data", str(assets["mc"]), *TINY_FLAGS, "--eval-samples", "8",
+             "--no-final-eval", "--micro-batch", "2", "--save-every", "2"]
+    proc = _start(flags + ["--max-steps", "400", "--output-dir", str(out)], 2, tmp_path / "kill.log")
+    deadline = time.time() + 180
+    while _steps_logged(out) < 3:
+        assert proc.poll() is None and time.time() < deadline, (tmp_path / "kill.log").read_text()[-4000:]
+        time.sleep(0.2)
+    rank1 = [p for p in psutil.Process(proc.pid).children(recursive=True)
+             if str(TRAIN) in p.cmdline() and "--local_rank=1" in p.cmdline()]
+    assert len(rank1) == 1
+    killed_at = time.time()
+    rank1[0].kill()
+    rc, text = _finish(proc, tmp_path / "kill.log", 60)
+    assert rc not in (0, -1), text[-4000:]
+    assert time.time() - killed_at < 15, text[-2000:]
+    tag = (out / "checkpoints" / "latest").read_text()
+    done = int(tag.removeprefix("step"))
+    resumed = run_train(flags + ["--max-steps", str(done + 2), "--output-dir", str(out), "--resume", str(out)],
+                        nproc=2)
+    assert resumed.returncode == 0, show(resumed)
+    assert [r["step"] for r in read_metrics(out) if "loss" in r and "eval" not in r][-2:] == [done, done + 1]

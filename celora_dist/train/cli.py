@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(ZeRO 0-2 only; default: the config's, else 1)")
     g.add_argument("--output-dir", default="runs/celora", help="metrics.jsonl, checkpoints/, adapter/")
     g.add_argument("--resume", default=None, help="checkpoint folder (or an output dir) to continue from")
+    g.add_argument("--dist-timeout", type=float, default=600,
+                   help="seconds a collective may wait for another rank before the job fails (torch's "
+                        "default is 30 minutes); raise it if ranks legitimately drift apart that long")
     g.add_argument("--overwrite-output-dir", action="store_true",
                    help="replace the run already in --output-dir (moved aside at start, deleted once this "
                         "run's first checkpoint exists); without it such a folder is refused")
@@ -183,6 +186,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UsageError(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
     if args.lr <= 0:
         raise UsageError(f"--lr must be positive, got {args.lr}")
+    if not args.dist_timeout > 0:
+        raise UsageError(f"--dist-timeout must be a positive number of seconds, got {args.dist_timeout}")
     if (args.model is None) != (args.data is None):
         raise UsageError("give both --model and --data, or neither (the embedded default: SmolLM2-135M on PIQA)")
     args.embedded = args.model is None

@@ -161,14 +161,18 @@ def setup_environment() -> None:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
-def init_distributed() -> None:
+def init_distributed(timeout_s: float) -> None:
+    """Start torch.distributed through DeepSpeed; a collective waiting longer than ``timeout_s``
+    (--dist-timeout) fails instead of hanging for torch's default 30 minutes."""
+    from datetime import timedelta
+
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     backend = get_accelerator().communication_backend_name()
     if get_accelerator().device_name() == "cpu":
         backend = "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
     else:

@@ -18,6 +18,28 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (a non-finite loss or gradient): printed as ``error: ...``, exit status 1."""
 
 
+def exit_report(exc: Exception) -> tuple[str, int]:
+    """(the line to print, the exit status) for an exception that ends a run the expected way;
+    re-raises anything else (a bug keeps its traceback)."""
+    if isinstance(exc, UsageError):
+        return f"error: {exc}", 2
+    if isinstance(exc, TrainingError):
+        return f"error: {exc}", 1
+    if isinstance(exc, StopRequested):
+        return str(exc), exc.exit_status
+    if isinstance(exc, RuntimeError) and is_collective_timeout(exc):
+        return ("error: a collective operation did not complete within --dist-timeout: another rank stopped responding "
+                f"(hung, stopped or lost). Continue from the last complete checkpoint with --resume OUTPUT_DIR "
+                f"({str(exc).strip().splitlines()[-1][:200]})"), 1
+    raise exc
+
+
+def is_collective_timeout(exc: BaseException) -> bool:
+    """A torch.distributed collective that hit the process group's timeout (gloo or NCCL wording)."""
+    text = str(exc).lower()
+    return "timed out waiting" in text or "collective operation timeout" in text
+
+
 class StopRequested(Exception):
     """SIGTERM / Ctrl-C honoured at a step boundary (after a checkpoint): exit status 128 + signal."""
 

@@ -52,6 +52,7 @@ class Run:
         self.output_dir = Path(args.output_dir)
         self.ckpt_dir = self.output_dir / "checkpoints"
         self.stop = StopSignals()
+        self.watchdog = Watchdog(args.dist_timeout, str(self.output_dir))
         # --overwrite-output-dir: the earlier run is moved aside now and deleted after our first checkpoint
         self.previous_run = None
         if job.is_main and args.overwrite_output_dir:
@@ -72,12 +73,14 @@ class Run:
 
     def evaluate(self, label: str, step: int) -> dict[str, Any]:
         """Held-out loss (and accuracy) split over the DP group; logged to metrics.jsonl and printed."""
+        self.watchdog.beat()
         t = time.perf_counter()
         result = evaluate.evaluate(self.engine.module, self.tokenizer, self.job.eval_records, self.args.seq_len,
                                    self.engine.device, group=self.dp_group)
         result["eval_time_s"] = round(time.perf_counter() - t, 2)
         self.metrics.write({"step": step, "eval": label, **result})
         acc = f", accuracy {result['accuracy']:.4f}" if "accuracy" in result else ""
+        self.watchdog.beat()
         self.metrics.message(f"[{label}] held-out loss {result['eval_loss']:.4f}{acc} "
                              f"on {len(self.job.eval_records)} examples ({result['eval_time_s']} s)")
         return result
@@ -87,6 +90,7 @@ class Run:
         measurements and at the end), then the --save-every checkpoint and --eval-every evaluation
         (the last step's come from the end of the run)."""
         args = self.args
+        self.watchdog.beat()
         self.metrics.step(record, write=has_telemetry(record) or step % args.log_every == 0
                           or step == self.total_steps)
         self.check_step(step, record)
@@ -110,10 +114,12 @@ class Run:
         flags = torch.tensor([float(bad), float(self.stop.signum or 0)], device=self.engine.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         if flags[0].item() != 0:
+            self.close()
             self.raise_not_finite(record)
         if flags[1].item() != 0:
             signum = int(flags[1].item())
             self.save(step)
+            self.close()
             raise StopRequested(f"stopped by {signal.Signals(signum).name} after step {record['step']}: checkpoint "
                                 f"{checkpoint.tag_for(step)} saved; continue with --resume {self.output_dir}", signum)
 
@@ -130,11 +136,14 @@ class Run:
         """The loop is over: close the progress bar, stop intercepting SIGTERM / SIGINT."""
         self.metrics.close()
         self.stop.restore()
+        self.watchdog.stop()
 
     def save(self, step: int) -> None:
         """Checkpoint after ``step`` optimizer steps, with the data position (collective)."""
+        self.watchdog.beat()
         checkpoint.save(self.engine, self.ckpt_dir, step, {"step": step, "data": self.batches.state()},
                         self.job.run_info)
+        self.watchdog.beat()
         if self.previous_run is not None:  # this run now has a complete checkpoint of its own
             outputs.remove_previous_run(self.previous_run)
             self.metrics.message(f"removed the earlier run set aside in {self.previous_run}")
@@ -163,3 +172,43 @@ class StopSignals:
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
+
+
+class Watchdog:
+    """Fails this rank when the loop makes no progress for ``timeout_s`` (--dist-timeout).
+
+    The process group's own timeout covers most collectives, but not all: measured here, a
+    gloo all-reduce inside DeepSpeed's ZeRO-2 gradient reduction waited > 90 s with a 10 s
+    timeout while its peer was SIGSTOPped. The loop beats after every optimizer step,
+    checkpoint and evaluation; a rank stuck past the timeout prints why and exits 1 from this
+    thread (the main thread is blocked inside C++ and cannot be interrupted), so the
+    launcher (DeepSpeed, srun --kill-on-bad-exit, mpirun) ends the job. The timeout must
+    exceed one optimizer step with its checkpoint or evaluation.
+    """
+
+    def __init__(self, timeout_s: float, output_dir: str) -> None:
+        self.timeout_s, self.output_dir = timeout_s, output_dir
+        self.last = time.monotonic()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="celora-watchdog", daemon=True)
+        self.thread.start()
+
+    def beat(self) -> None:
+        self.last = time.monotonic()
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()
+
+    def _watch(self) -> None:
+        import os
+        import sys
+
+        while not self.done.wait(min(5.0, self.timeout_s / 4)):
+            idle = time.monotonic() - self.last
+            if idle > self.timeout_s:
+                print(f"error: no progress for {idle:.0f} s (--dist-timeout {self.timeout_s:g}): another rank "
+                      f"stopped responding (hung, stopped or lost), or one step takes longer than the timeout. "
+                      f"Continue from the last complete checkpoint with --resume {self.output_dir}",
+                      file=sys.stderr, flush=True)
+                os._exit(1)  # the main thread is stuck in a collective: nothing else would end this rank
