@@ -1,7 +1,8 @@
-"""launch/mpirun.sh under real Open MPI and the Slurm batch script on a one-node Slurm
-cluster started by the test (slurmctld + slurmd on localhost, auth/none).
+"""launch/mpirun.sh under real Open MPI, launch/_rank_env.sh under MPICH's mpiexec, and the
+Slurm batch script on a one-node Slurm cluster started by the test (slurmctld + slurmd on
+localhost, auth/none).
 
-Both need system packages (openmpi-bin, slurm-wlm) that .ci/run installs. Outside CI a
+All need system packages (openmpi-bin, mpich, slurm-wlm) that .ci/run installs. Outside CI a
 missing package skips with the reason; under CI (CI=true) it fails instead.
 """
 from __future__ import annotations
@@ -23,13 +24,28 @@ def require(*tools: str) -> None:
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
         if os.environ.get("CI"):
-            pytest.fail(f"{missing} not installed: .ci/run must install openmpi-bin and slurm-wlm")
-        pytest.skip(f"{missing} not installed (apt-get install openmpi-bin slurm-wlm)")
+            pytest.fail(f"{missing} not installed: .ci/run must install openmpi-bin, mpich and slurm-wlm")
+        pytest.skip(f"{missing} not installed (apt-get install openmpi-bin mpich slurm-wlm)")
 
 
 def trainer_args(assets, out: Path, steps: int) -> list[str]:
     return ["--model", str(assets["model"]), "--data", str(assets["mc"]), "--max-steps", str(steps),
             "--eval-samples", "16", "--no-zero-shot", *TINY_FLAGS] + (["--output-dir", str(out)] if out else [])
+
+
+def test_mpich_mpiexec_two_ranks_train(assets, tmp_path):
+    """MPICH's process manager (PMI_RANK / PMI_SIZE / MPI_LOCALRANKID) through launch/_rank_env.sh."""
+    require("mpiexec.mpich")
+    out = tmp_path / "run"
+    e = env()
+    e.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    proc = subprocess.run(["timeout", "-k", "10", "240", "mpiexec.mpich", "-n", "2", "bash",
+                           str(REPO / "launch" / "_rank_env.sh"), *trainer_args(assets, out, 6)],
+                          cwd=REPO, env=e, capture_output=True, text=True)
+    assert proc.returncode == 0, show(proc)
+    assert "x 2 rank(s)" in proc.stdout + proc.stderr, show(proc)
+    assert len(train_losses(out)) == 6
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_mpirun_two_ranks_train(assets, tmp_path):
