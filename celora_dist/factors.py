@@ -35,6 +35,13 @@ def double_lora_factors(weight: Tensor, r0: int, dtype: torch.dtype) -> tuple[Te
     return B0, A0, residual_row_sq(w, B0, A0)
 
 
+def check_r0(r0: int, m: int, n: int, name: str = "") -> None:
+    """The split needs r0 below both dimensions of W0 (m × n)."""
+    if r0 >= min(m, n):
+        raise ValueError(f"r0={r0} must be below min(out_features, in_features)={min(m, n)} "
+                         f"for {name or 'layer'} ({m}x{n})")
+
+
 @torch.no_grad()
 def residual_row_sq(weight: Tensor, B0: Tensor, A0: Tensor) -> Tensor:
     """‖(W − B0 A0)[i, :]‖² per row in fp32, in row blocks (never a full fp32 copy)."""

@@ -5,14 +5,15 @@ Works on any module tree; the default targets are the LLaMA-family projection na
 """
 from __future__ import annotations
 
-import sys
+import os
 
 from torch import nn
-from tqdm.auto import tqdm
 
 from .config import CELoRAConfig
+from .factor_plan import plan_factors
+from .factors import check_r0
 from .head import sparsify_lm_head
-from .layer import CELoRALinear
+from .layer import CELoRALinear, needs_factors
 
 
 def _linear_names(model: nn.Module) -> list[str]:
@@ -23,12 +24,20 @@ def _matches(name: str, key: str) -> bool:
     return name == key or name.endswith("." + key)
 
 
-def inject_celora(model: nn.Module, cfg: CELoRAConfig, verbose: bool = True) -> nn.Module:
+def inject_celora(model: nn.Module, cfg: CELoRAConfig, verbose: bool = True, distribute: bool = True,
+                  group=None, factor_cache: str | os.PathLike | None = None) -> nn.Module:
     """Convert the target linears of ``model`` in place and freeze everything else.
+
+    The approximate layers' SVD splits are shared out over the ranks of ``group`` (the
+    world by default) when torch.distributed is initialised — then every rank of the group
+    must call this with the same model — and each is read from / written to
+    ``factor_cache`` (a folder) when given; see ``celora_dist/factor_plan.py``.
+    ``distribute=False`` factorises every layer in this process.
 
     Raises ValueError if a target name matches no nn.Linear of the model, listing the
     model's linear module names. Sets ``model.celora_config`` and
-    ``model.celora_summary`` (counts of exact/approximate layers, trainable params).
+    ``model.celora_summary`` (counts of exact/approximate layers, trainable params,
+    SVDs computed by this rank, cache hits).
     """
     if any(isinstance(m, CELoRALinear) for m in model.modules()):
         raise ValueError("inject_celora: the model already has CE-LoRA layers")
@@ -44,13 +53,19 @@ def inject_celora(model: nn.Module, cfg: CELoRAConfig, verbose: bool = True) -> 
         p.requires_grad_(False)
 
     targets = [n for n in linear_names if cfg.keep_for(n) is not None]
+    approximate = [(n, model.get_submodule(n)) for n in targets
+                   if needs_factors(cfg.keep_for(n), model.get_submodule(n).out_features)]
+    for name, linear in approximate:  # before any SVD: a bad r0 costs nothing
+        check_r0(cfg.r0, linear.out_features, linear.in_features, name)
+    if distribute:
+        factors, counts = plan_factors(approximate, cfg.r0, group, factor_cache, verbose)
+    else:
+        factors, counts = plan_factors(approximate, cfg.r0, None, factor_cache, verbose, local=True)
     n_exact = n_approx = 0
-    bar = tqdm(targets, desc="CE-LoRA: SVD of frozen weights", unit="layer", file=sys.stderr,
-               disable=not verbose or len(targets) < 8, leave=False)
-    for name in bar:
+    for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = CELoRALinear(getattr(parent, child), **cfg.layer_kwargs(name))
+        layer = CELoRALinear(getattr(parent, child), **cfg.layer_kwargs(name), factors=factors.get(name))
         setattr(parent, child, layer)
         n_exact += layer.is_exact
         n_approx += not layer.is_exact
@@ -64,6 +79,7 @@ def inject_celora(model: nn.Module, cfg: CELoRAConfig, verbose: bool = True) -> 
     model.celora_summary = {
         "exact_layers": n_exact, "approx_layers": n_approx,
         "trainable_params": trainable, "total_params": total,
+        "svd_computed": counts["computed"], "svd_cached": counts["cached"], "svd_ranks": counts["ranks"],
     }
     if verbose:
         print(
@@ -71,5 +87,8 @@ def inject_celora(model: nn.Module, cfg: CELoRAConfig, verbose: bool = True) -> 
             f"{n_approx} approximate); trainable params {trainable:,} of {total:,} "
             f"({100.0 * trainable / max(total, 1):.2f}%)"
             + (f"; LM head backward keeps {cfg.head_keep:.0%} of vocabulary rows" if cfg.head_keep else "")
+            + (f"; SVD splits: {counts['computed']} computed by this rank, {counts['cached']} from the cache"
+               + (f", the rest by the other {counts['ranks'] - 1} rank(s)" if counts["ranks"] > 1 else "")
+               if n_approx else "")
         )
     return model

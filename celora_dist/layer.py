@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import AUTO, SCORE_MODES, is_fraction, lora_scaling, num_kept
-from .factors import double_lora_factors
+from .factors import check_r0, double_lora_factors
 from .kernels import grad_input, gradient_scores
 from .scheduled import ScheduledModule
 from .selection import RelErrorMeter, complement_of, next_adaptive_k, select_indices
@@ -56,6 +56,12 @@ class LayerOptions:
     def kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :class:`CELoRALinear` that rebuild these options."""
         return asdict(self)
+
+
+def needs_factors(keep: float | str, m: int) -> bool:
+    """Whether a layer with this keep and m output features approximates (so needs the SVD split):
+    the rule CELoRALinear applies (adaptive layers start exact but choose k later)."""
+    return keep == AUTO or num_kept(keep, m) < m
 
 
 def low_rank_operands(G: Tensor, lora_B: Tensor, lora_A: Tensor, scaling: float,
@@ -201,7 +207,7 @@ class CELoRALinear(ScheduledModule, nn.Module):
         self.error_budget = error_budget
         # an adaptive layer starts at k = m (exact) and picks k on every refresh step
         self.k = m if self.adaptive else num_kept(keep, m)
-        self.is_exact = self.k == m and not self.adaptive
+        self.is_exact = not needs_factors(keep, m)
         self.refresh_every = refresh_every
         self.score = score
         self.sync_indices = sync_indices
@@ -236,12 +242,9 @@ class CELoRALinear(ScheduledModule, nn.Module):
             self.register_buffer("ws_row_sq", None, persistent=False)
             return
         if factors is None:
-            m, n, r0 = self.out_features, self.in_features, self.r0
-            if r0 >= min(m, n):
-                raise ValueError(f"r0={r0} must be below min(out_features, in_features)={min(m, n)} "
-                                 f"for {self.name or 'layer'} ({m}x{n})")
+            check_r0(self.r0, self.out_features, self.in_features, self.name)
             with gathered([weight]):
-                factors = double_lora_factors(weight, r0, weight.dtype)
+                factors = double_lora_factors(weight, self.r0, weight.dtype)
         B0, A0, ws_row_sq = factors
         self.B0 = nn.Parameter(B0, requires_grad=False)
         self.A0 = nn.Parameter(A0, requires_grad=False)

@@ -12,6 +12,7 @@ from pathlib import Path
 from ..config import AUTO, RELEASED_KEEP, CELoRAConfig, is_error_budget, is_fraction
 from .checkpoint import find_checkpoint
 # UsageError is re-exported: ``from celora_dist.train.cli import UsageError`` keeps working.
+from .embedded import cache_dir
 from .errors import UsageError, load_mapping
 from .outputs import check_output_dir
 
@@ -59,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "in (0, 1] (default: exact head)")
     g.add_argument("--refresh-every", type=int, default=None, help="optimizer steps between index refreshes")
     g.add_argument("--no-sync-indices", action="store_true", help="each DP rank selects indices from its own G")
+    g.add_argument("--factor-cache", default=None,
+                   help="folder caching the SVD splits of the frozen weights, keyed by the weights' bytes, "
+                        "r0 and dtype (default: $CELORA_CACHE/factors, else ~/.cache/celora_dist/factors)")
+    g.add_argument("--no-factor-cache", action="store_true", help="recompute every SVD split, store nothing")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: 1 epoch; 30 for the embedded default)")
@@ -205,6 +210,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not Path(args.deepspeed_config).is_file():
             raise UsageError("no --deepspeed_config given and ds_configs/zero2.json is not next to the package")
     args.celora = celora_config_from_args(args)
+    if args.no_factor_cache:
+        args.factor_cache = None
+    elif args.factor_cache is None:
+        args.factor_cache = str(cache_dir() / "factors")
     if args.zero_shot is None:
         args.zero_shot = args.embedded
     args.resume_dir = args.resume_tag = None

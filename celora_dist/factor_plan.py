@@ -1,0 +1,131 @@
+"""Start-up factorisation of many layers: split over the ranks, cached on disk.
+
+Every approximate layer needs the SVD split of its W0 (``factors.double_lora_factors``),
+which dominates start-up (seconds to minutes per matrix on CPU, docs/design.md §1). With
+torch.distributed running, layer i is factorised only by rank i mod N and its small
+results (B0, A0, ‖Ws[i, :]‖²) are broadcast, so every rank holds the owner's factors,
+bit for bit, and the world does each SVD once. With a cache folder the owner first looks
+the layer up by a fingerprint of the weight's bytes, its shape, dtype and r0: a hit is
+reused (bit-identical, so a resumed run continues exactly), anything else is a miss and
+is recomputed and stored — a changed weight, r0 or dtype never reuses stale factors.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .factors import double_lora_factors
+from .zero import gathered
+
+CACHE_VERSION = 1  # bump when the factorisation's output changes
+
+
+def fingerprint(weight: Tensor, r0: int) -> str:
+    """A cache key: blake2b of the weight's bytes plus its shape, dtype, r0 and the format version."""
+    w = weight.detach().to("cpu").contiguous()
+    digest = hashlib.blake2b(w.view(torch.uint8).reshape(-1).numpy().tobytes(), digest_size=20).hexdigest()
+    dtype = str(w.dtype).removeprefix("torch.")
+    return f"{digest}-{'x'.join(map(str, w.shape))}-{dtype}-r0_{r0}-v{CACHE_VERSION}"
+
+
+def _load(path: Path) -> tuple[Tensor, Tensor, Tensor] | None:
+    from safetensors.torch import load_file
+
+    try:
+        t = load_file(str(path))
+        return t["B0"], t["A0"], t["ws_row_sq"]
+    except Exception:  # noqa: BLE001 — truncated, corrupt (SafetensorError) or foreign: recompute, overwrite
+        return None
+
+
+def _store(path: Path, B0: Tensor, A0: Tensor, ws_row_sq: Tensor) -> None:
+    """Write atomically (temp file + rename): a concurrent or interrupted writer never leaves half a file."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({"B0": B0.contiguous().cpu(), "A0": A0.contiguous().cpu(), "ws_row_sq": ws_row_sq.cpu()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _factorise(weight: Tensor, r0: int, cache: Path | None) -> tuple[tuple[Tensor, Tensor, Tensor], bool]:
+    """(factors, whether they came from the cache) for one weight."""
+    path = cache / f"{fingerprint(weight, r0)}.safetensors" if cache is not None else None
+    if path is not None and path.is_file():
+        hit = _load(path)
+        if hit is not None:
+            return tuple(t.to(weight.device) for t in hit), True
+    result = double_lora_factors(weight, r0, weight.dtype)
+    if path is not None:
+        _store(path, *result)
+    return result, False
+
+
+def _comm_device(weight: Tensor, group: Any) -> torch.device:
+    import torch.distributed as dist
+
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return weight.device
+
+
+def plan_factors(layers: list[tuple[str, nn.Linear]], r0: int, group: Any = None,
+                 cache_dir: str | os.PathLike | None = None, verbose: bool = True, local: bool = False
+                 ) -> tuple[dict[str, tuple[Tensor, Tensor, Tensor]], dict[str, int]]:
+    """SVD factors for every (name, linear) in ``layers``, each computed (or read from the cache)
+    by ONE rank of ``group`` and broadcast; the same list, in the same order, on every rank.
+
+    Returns ({name: (B0, A0, ws_row_sq)}, counts {"computed": this rank's SVDs, "cached": this
+    rank's cache hits, "ranks": ranks sharing the work}). Without torch.distributed (or a
+    world of one), or with ``local``, this process does them all.
+    """
+    import torch.distributed as dist
+
+    distributed = (not local and dist.is_available() and dist.is_initialized()
+                   and dist.get_world_size(group) > 1)
+    world, rank = (dist.get_world_size(group), dist.get_rank(group)) if distributed else (1, 0)
+    cache = Path(cache_dir) if cache_dir is not None else None
+    mine: dict[str, Tensor] = {}
+    for i, (name, linear) in enumerate(layers):  # gathers are collective under ZeRO-3: every rank enters
+        with gathered([linear.weight]):
+            if i % world == rank:
+                w = linear.weight.detach()
+                mine[name] = w.clone() if hasattr(linear.weight, "ds_id") else w
+    counts = {"computed": 0, "cached": 0, "ranks": world}
+    out: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(mine.items(), desc=f"CE-LoRA: SVD of frozen weights (rank {rank}: {len(mine)} of {len(layers)})",
+               unit="layer", file=sys.stderr, disable=not verbose or len(mine) < 8, leave=False)
+    for name, w in bar:
+        out[name], hit = _factorise(w, r0, cache)
+        counts["cached" if hit else "computed"] += 1
+    if distributed:
+        for i, (name, linear) in enumerate(layers):
+            owner = i % world
+            m, n = linear.out_features, linear.in_features
+            device = _comm_device(linear.weight, group)
+            if owner == rank:
+                parts = [t.to(device) for t in out[name]]
+            else:
+                dtype = linear.weight.dtype
+                parts = [torch.empty(m, r0, dtype=dtype, device=device), torch.empty(r0, n, dtype=dtype, device=device),
+                         torch.empty(m, dtype=torch.float32, device=device)]
+            src = dist.get_global_rank(group, owner) if group is not None else owner
+            for t in parts:
+                if t.numel():  # r0 = 0: empty factors
+                    dist.broadcast(t, src=src, group=group)
+            out[name] = tuple(t.to(linear.weight.device) for t in parts)
+    return out, counts
