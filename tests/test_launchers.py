@@ -63,6 +63,44 @@ def test_mpirun_two_ranks_train(assets, tmp_path):
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_mpirun_a_killed_rank_ends_the_job_within_seconds_and_the_run_resumes(assets, tmp_path):
+    """SIGKILL one of two Open MPI ranks: mpirun aborts the job non-zero within seconds and
+    launch/mpirun.sh with --resume continues from the last complete checkpoint."""
+    import psutil
+
+    require("mpirun")
+    out, log = tmp_path / "run", tmp_path / "mpirun.log"
+    e = env()
+    e["MASTER_PORT"] = str(free_port())
+    flags = trainer_args(assets, out, 400)[:-2] + ["--save-every", "2", "--no-final-eval"]  # no --output-dir yet
+    with open(log, "w") as f:
+        proc = subprocess.Popen(["bash", str(REPO / "launch" / "mpirun.sh"), "-np", "2", "--", *flags,
+                                 "--output-dir", str(out)], cwd=REPO, env=e, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 180
+        while not (out / "metrics.jsonl").exists() or len(train_losses(out)) < 3:
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-4000:]
+            time.sleep(0.2)
+        rank1 = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                 if "train.py" in " ".join(p.cmdline()) and p.environ().get("OMPI_COMM_WORLD_RANK") == "1"]
+        assert len(rank1) == 1, [p.cmdline() for p in psutil.Process(proc.pid).children(recursive=True)]
+        killed_at = time.time()
+        rank1[0].kill()
+        proc.wait(timeout=60)
+        assert time.time() - killed_at < 15
+    finally:
+        for p in psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []:
+            p.kill()
+    assert proc.returncode != 0, log.read_text()[-4000:]
+    done = int((out / "checkpoints" / "latest").read_text().removeprefix("step"))
+    e["MASTER_PORT"] = str(free_port())
+    resumed = subprocess.run(["timeout", "-k", "10", "240", "bash", str(REPO / "launch" / "mpirun.sh"), "-np", "2",
+                              "--", *trainer_args(assets, out, done + 2), "--resume", str(out)],
+                             cwd=REPO, env=e, capture_output=True, text=True)
+    assert resumed.returncode == 0, show(resumed)
+    assert [r["step"] for r in read_metrics(out) if "loss" in r and "eval" not in r][-2:] == [done, done + 1]
+
+
 SLURM_CONF = """\
 ClusterName=celoratest
 SlurmctldHost=localhost
@@ -151,3 +189,44 @@ def test_slurm_batch_script_trains_two_ranks_and_resumes_after_requeue(slurm_clu
     steps = [r["step"] for r in read_metrics(out) if "loss" in r and "eval" not in r and "step" in r]
     assert steps == list(range(10)), steps  # steps 6..9 continued the log; nothing re-ran
     assert json.loads((out / "summary.json").read_text())["steps"] == 10
+
+
+def test_slurm_a_killed_rank_ends_the_job_and_a_new_job_resumes(slurm_cluster, assets, tmp_path):
+    """SIGKILL one of the batch script's two ranks: srun --kill-on-bad-exit ends the job
+    non-zero within seconds; the next job on the same OUTPUT_DIR resumes from its checkpoint."""
+    import psutil
+
+    out, log = tmp_path / "run", tmp_path / "job.log"
+    e = dict(slurm_cluster, OUTPUT_DIR=str(out), MASTER_PORT=str(free_port()))
+    cmd = ["sbatch", "--wait", "--partition=debug", "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1",
+           "--time=10", f"--output={log}", str(REPO / "launch/slurm/one_node.sbatch"),
+           *trainer_args(assets, None, 400), "--save-every", "2", "--no-final-eval"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while not (out / "metrics.jsonl").exists() or len(train_losses(out)) < 3:
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-4000:] if log.exists() else ""
+            time.sleep(0.2)
+        rank1 = []
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if "train.py" in " ".join(p.info["cmdline"] or []) and p.environ().get("OUTPUT_DIR") == str(out) \
+                        and p.environ().get("SLURM_PROCID") == "1":
+                    rank1.append(p)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        assert len(rank1) == 1, rank1
+        killed_at = time.time()
+        rank1[0].kill()
+        proc.wait(timeout=90)
+        assert time.time() - killed_at < 30  # srun's kill-on-bad-exit, then the job's end
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0, log.read_text()[-4000:]
+    done = int((out / "checkpoints" / "latest").read_text().removeprefix("step"))
+    proc = sbatch(slurm_cluster, out, tmp_path / "job2.log", trainer_args(assets, None, done + 2))
+    text = (tmp_path / "job2.log").read_text()
+    assert proc.returncode == 0, show(proc) + text[-4000:]
+    assert "resuming from" in text, text[-4000:]
+    assert [r["step"] for r in read_metrics(out) if "loss" in r and "eval" not in r][-2:] == [done, done + 1]
