@@ -87,7 +87,7 @@ def test_mpirun_a_killed_rank_ends_the_job_within_seconds_and_the_run_resumes(as
         killed_at = time.time()
         rank1[0].kill()
         proc.wait(timeout=60)
-        assert time.time() - killed_at < 15
+        assert time.time() - killed_at < 40  # seconds (~3 here), not a hang
     finally:
         for p in psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []:
             p.kill()
@@ -191,6 +191,18 @@ def test_slurm_batch_script_trains_two_ranks_and_resumes_after_requeue(slurm_clu
     assert json.loads((out / "summary.json").read_text())["steps"] == 10
 
 
+def _job_ranks(psutil, out: Path) -> dict:
+    """{SLURM_PROCID: process} of the trainer ranks writing to ``out``."""
+    ranks = {}
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if "train.py" in " ".join(p.info["cmdline"] or []) and p.environ().get("OUTPUT_DIR") == str(out):
+                ranks[p.environ().get("SLURM_PROCID")] = p
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return ranks
+
+
 def test_slurm_a_killed_rank_ends_the_job_and_a_new_job_resumes(slurm_cluster, assets, tmp_path):
     """SIGKILL one of the batch script's two ranks: srun --kill-on-bad-exit ends the job
     non-zero within seconds; the next job on the same OUTPUT_DIR resumes from its checkpoint."""
@@ -207,19 +219,14 @@ def test_slurm_a_killed_rank_ends_the_job_and_a_new_job_resumes(slurm_cluster, a
         while not (out / "metrics.jsonl").exists() or len(train_losses(out)) < 3:
             assert proc.poll() is None and time.time() < deadline, log.read_text()[-4000:] if log.exists() else ""
             time.sleep(0.2)
-        rank1 = []
-        for p in psutil.process_iter(["cmdline"]):
-            try:
-                if "train.py" in " ".join(p.info["cmdline"] or []) and p.environ().get("OUTPUT_DIR") == str(out) \
-                        and p.environ().get("SLURM_PROCID") == "1":
-                    rank1.append(p)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-        assert len(rank1) == 1, rank1
+        ranks = _job_ranks(psutil, out)
+        assert sorted(ranks) == ["0", "1"], ranks
         killed_at = time.time()
-        rank1[0].kill()
-        proc.wait(timeout=90)
-        assert time.time() - killed_at < 30  # srun's kill-on-bad-exit, then the job's end
+        ranks["1"].kill()
+        while _job_ranks(psutil, out):  # srun --kill-on-bad-exit ends the other rank
+            assert time.time() - killed_at < 30, _job_ranks(psutil, out)
+            time.sleep(0.2)
+        proc.wait(timeout=120)  # sbatch --wait notices the job's end on its own polling interval
     finally:
         if proc.poll() is None:
             proc.kill()

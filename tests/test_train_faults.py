@@ -253,7 +253,7 @@ def test_a_killed_rank_ends_the_job_within_seconds_and_the_run_resumes(assets, t
     rank1[0].kill()
     rc, text = _finish(proc, tmp_path / "kill.log", 60)
     assert rc not in (0, -1), text[-4000:]
-    assert time.time() - killed_at < 15, text[-2000:]
+    assert time.time() - killed_at < 40, text[-2000:]  # seconds (~5 here), not the 30-minute collective timeout
     tag = (out / "checkpoints" / "latest").read_text()
     done = int(tag.removeprefix("step"))
     resumed = run_train(flags + ["--max-steps", str(done + 2), "--output-dir", str(out), "--resume", str(out)],
