@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .factors import double_lora_factors
-from .zero import gathered
+from .zero import gathered, is_partitioned
 
 CACHE_VERSION = 1  # bump when the factorisation's output changes
 
@@ -102,7 +102,7 @@ def plan_factors(layers: list[tuple[str, nn.Linear]], r0: int, group: Any = None
         with gathered([linear.weight]):
             if i % world == rank:
                 w = linear.weight.detach()
-                mine[name] = w.clone() if hasattr(linear.weight, "ds_id") else w
+                mine[name] = w.clone() if is_partitioned([linear.weight]) else w  # outlive the gather
     counts = {"computed": 0, "cached": 0, "ranks": world}
     out: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
     from tqdm.auto import tqdm

@@ -53,14 +53,11 @@ def inject_celora(model: nn.Module, cfg: CELoRAConfig, verbose: bool = True, dis
         p.requires_grad_(False)
 
     targets = [n for n in linear_names if cfg.keep_for(n) is not None]
-    approximate = [(n, model.get_submodule(n)) for n in targets
-                   if needs_factors(cfg.keep_for(n), model.get_submodule(n).out_features)]
+    linears = {n: model.get_submodule(n) for n in targets}
+    approximate = [(n, linears[n]) for n in targets if needs_factors(cfg.keep_for(n), linears[n].out_features)]
     for name, linear in approximate:  # before any SVD: a bad r0 costs nothing
         check_r0(cfg.r0, linear.out_features, linear.in_features, name)
-    if distribute:
-        factors, counts = plan_factors(approximate, cfg.r0, group, factor_cache, verbose)
-    else:
-        factors, counts = plan_factors(approximate, cfg.r0, None, factor_cache, verbose, local=True)
+    factors, counts = plan_factors(approximate, cfg.r0, group, factor_cache, verbose, local=not distribute)
     n_exact = n_approx = 0
     for name in targets:
         parent_name, _, child = name.rpartition(".")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .train_utils import REPO, TINY_FLAGS, env, free_port, read_metrics, show, train_losses
+from .train_utils import REPO, TINY_FLAGS, env, free_port, read_metrics, show, train_losses, wait_for_steps
 
 
 def require(*tools: str) -> None:
@@ -77,10 +77,7 @@ def test_mpirun_a_killed_rank_ends_the_job_within_seconds_and_the_run_resumes(as
         proc = subprocess.Popen(["bash", str(REPO / "launch" / "mpirun.sh"), "-np", "2", "--", *flags,
                                  "--output-dir", str(out)], cwd=REPO, env=e, stdout=f, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 180
-        while not (out / "metrics.jsonl").exists() or len(train_losses(out)) < 3:
-            assert proc.poll() is None and time.time() < deadline, log.read_text()[-4000:]
-            time.sleep(0.2)
+        wait_for_steps(proc, out, 3, log)
         rank1 = [p for p in psutil.Process(proc.pid).children(recursive=True)
                  if "train.py" in " ".join(p.cmdline()) and p.environ().get("OMPI_COMM_WORLD_RANK") == "1"]
         assert len(rank1) == 1, [p.cmdline() for p in psutil.Process(proc.pid).children(recursive=True)]
@@ -215,10 +212,7 @@ def test_slurm_a_killed_rank_ends_the_job_and_a_new_job_resumes(slurm_cluster, a
            *trainer_args(assets, None, 400), "--save-every", "2", "--no-final-eval"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 180
-        while not (out / "metrics.jsonl").exists() or len(train_losses(out)) < 3:
-            assert proc.poll() is None and time.time() < deadline, log.read_text()[-4000:] if log.exists() else ""
-            time.sleep(0.2)
+        wait_for_steps(proc, out, 3, log)
         ranks = _job_ranks(psutil, out)
         assert sorted(ranks) == ["0", "1"], ranks
         killed_at = time.time()

@@ -16,7 +16,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from .train_utils import CRASH_AT_SAVE, REPO, TINY_FLAGS, TRAIN, env, free_port, read_metrics, run_train, show
+from .train_utils import (CRASH_AT_SAVE, REPO, TINY_FLAGS, TRAIN, env, free_port, read_metrics, run_train, show,
+                          steps_logged, wait_for_steps)
 
 NAN_AT_STEP = REPO / "tests" / "nan_at_step.py"
 # Short 2-rank runs per parallel layout in the clean-exit stress test (~13 s each on 2 cores).
@@ -123,13 +124,6 @@ def test_non_finite_loss_on_one_rank_stops_all_before_saving(assets, tmp_path):
     assert steps == [0, 1, 2, 3]  # the bad step is logged, nothing after it ran
 
 
-def _steps_logged(out: Path) -> int:
-    try:
-        return len([r for r in read_metrics(out) if "loss" in r and "eval" not in r])
-    except (FileNotFoundError, ValueError):
-        return 0
-
-
 def _start(args: list[str], nproc: int, log: Path) -> subprocess.Popen:
     """The trainer in the background, its output to ``log`` (a pipe nobody reads while the test
     waits could fill up and stall the ranks)."""
@@ -152,19 +146,22 @@ def _finish(proc: subprocess.Popen, log: Path, timeout: float) -> tuple[int, str
     return proc.returncode, log.read_text()
 
 
-def _sigterm_after(proc: subprocess.Popen, out: Path, steps: int, nproc: int) -> tuple[int, str]:
-    """Once ``steps`` steps are logged, SIGTERM one rank (the last: the signal reaches one rank first,
-    as srun's may); returns (exit status, output)."""
-    deadline = time.time() + 180
-    while _steps_logged(out) < steps:
-        assert proc.poll() is None and time.time() < deadline, (out.parent / f"{out.name}.log").read_text()[-4000:]
-        time.sleep(0.2)
-    # the rank processes: the script itself, not DeepSpeed's launchers that name it in their arguments
+def _ranks(proc: subprocess.Popen, nproc: int) -> list[psutil.Process]:
+    """The trainer's rank processes in local-rank order: the script itself, not DeepSpeed's
+    launchers that name it in their arguments."""
     ranks = [p for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
              if str(TRAIN) in p.cmdline() and "deepspeed.launcher" not in " ".join(p.cmdline())]
     assert len(ranks) == nproc, [p.cmdline() for p in ranks]
-    ranks[-1].send_signal(signal.SIGTERM)
-    return _finish(proc, out.parent / f"{out.name}.log", 180)
+    return sorted(ranks, key=lambda p: next((a for a in p.cmdline() if a.startswith("--local_rank=")), ""))
+
+
+def _sigterm_after(proc: subprocess.Popen, out: Path, steps: int, nproc: int) -> tuple[int, str]:
+    """Once ``steps`` steps are logged, SIGTERM one rank (the last: the signal reaches one rank first,
+    as srun's may); returns (exit status, output)."""
+    log = out.parent / f"{out.name}.log"
+    wait_for_steps(proc, out, steps, log)
+    _ranks(proc, nproc)[-1].send_signal(signal.SIGTERM)
+    return _finish(proc, log, 180)
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
@@ -176,7 +173,7 @@ def test_sigterm_checkpoints_the_step_and_resume_continues(assets, tmp_path, npr
     rc, text = _sigterm_after(proc, out, 3, nproc)
     assert rc == 128 + signal.SIGTERM, text[-4000:]
     assert "stopped by SIGTERM after step" in text and "Traceback" not in text, text[-4000:]
-    done = _steps_logged(out)  # every rank stopped after the same step, whose checkpoint is complete
+    done = steps_logged(out)  # every rank stopped after the same step, whose checkpoint is complete
     tag = (out / "checkpoints" / "latest").read_text()
     assert tag == f"step{done:06d}" and (out / "checkpoints" / tag / "COMPLETE").is_file()
     assert not (out / "adapter").exists()
@@ -210,15 +207,9 @@ def test_a_stopped_rank_fails_the_job_within_the_timeout_and_the_run_resumes(ass
              "--no-final-eval", "--micro-batch", "2", "--save-every", "2"]
     proc = _start(flags + ["--max-steps", "400", "--dist-timeout", "10", "--output-dir", str(out)], 2,
                   tmp_path / "hang.log")
-    deadline = time.time() + 180
-    while _steps_logged(out) < 3:
-        assert proc.poll() is None and time.time() < deadline, (out.parent / f"{out.name}.log").read_text()[-4000:]
-        time.sleep(0.2)
-    rank1 = [p for p in psutil.Process(proc.pid).children(recursive=True)
-             if str(TRAIN) in p.cmdline() and "--local_rank=1" in p.cmdline()]
-    assert len(rank1) == 1
+    wait_for_steps(proc, out, 3, tmp_path / "hang.log")
     stopped_at = time.time()
-    rank1[0].suspend()  # SIGSTOP
+    _ranks(proc, 2)[1].suspend()  # SIGSTOP
     rc, text = _finish(proc, tmp_path / "hang.log", 10 + 30 + 60)
     took = time.time() - stopped_at
     assert rc != 0, text[-4000:]
@@ -242,15 +233,9 @@ def test_a_killed_rank_ends_the_job_within_seconds_and_the_run_resumes(assets, t
     flags = ["--model", str(assets["model"]), "--data", str(assets["mc"]), *TINY_FLAGS, "--eval-samples", "8",
              "--no-final-eval", "--micro-batch", "2", "--save-every", "2"]
     proc = _start(flags + ["--max-steps", "400", "--output-dir", str(out)], 2, tmp_path / "kill.log")
-    deadline = time.time() + 180
-    while _steps_logged(out) < 3:
-        assert proc.poll() is None and time.time() < deadline, (tmp_path / "kill.log").read_text()[-4000:]
-        time.sleep(0.2)
-    rank1 = [p for p in psutil.Process(proc.pid).children(recursive=True)
-             if str(TRAIN) in p.cmdline() and "--local_rank=1" in p.cmdline()]
-    assert len(rank1) == 1
+    wait_for_steps(proc, out, 3, tmp_path / "kill.log")
     killed_at = time.time()
-    rank1[0].kill()
+    _ranks(proc, 2)[1].kill()
     rc, text = _finish(proc, tmp_path / "kill.log", 60)
     assert rc not in (0, -1), text[-4000:]
     assert time.time() - killed_at < 40, text[-2000:]  # seconds (~5 here), not the 30-minute collective timeout

@@ -123,6 +123,25 @@ def train_losses(output_dir: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(output_dir) if "loss" in r and "eval" not in r]
 
 
+def steps_logged(output_dir: Path) -> int:
+    """Training steps in metrics.jsonl so far (0 before the file exists)."""
+    try:
+        return len(train_losses(output_dir))
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def wait_for_steps(proc: subprocess.Popen, output_dir: Path, steps: int, log: Path, timeout: float = 180) -> None:
+    """Poll until a background run has logged ``steps`` steps; fails (with the log's tail) if it
+    exits or overruns first."""
+    import time
+
+    deadline = time.time() + timeout
+    while steps_logged(output_dir) < steps:
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-4000:] if log.exists() else ""
+        time.sleep(0.2)
+
+
 def show(proc: subprocess.CompletedProcess) -> str:
     return f"rc={proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
 
