@@ -3,6 +3,9 @@
     from celora_dist import CELoRAConfig, inject_celora, on_optimizer_step
     model = inject_celora(model, CELoRAConfig())
     ...; loss.backward(); optimizer.step(); on_optimizer_step(model)
+
+    # Hugging Face Trainer / TRL SFTTrainer:
+    model, callback = for_trainer(model, CELoRAConfig())   # a PeftModel + a TrainerCallback
 """
 from .adapters import load_adapter, merge_celora, save_adapter
 from .config import CELoRAConfig
@@ -21,5 +24,15 @@ __all__ = [
     "merge_celora",
     "celora_state_dict",
     "load_celora_state_dict",
+    "for_trainer",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # for_trainer pulls in transformers' Trainer machinery: imported on first use only.
+    if name == "for_trainer":
+        from .integrations.hf_trainer import for_trainer
+
+        return for_trainer
+    raise AttributeError(f"module 'celora_dist' has no attribute {name!r}")

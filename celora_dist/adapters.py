@@ -29,6 +29,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """LoRA tensors under PEFT's key names, gathered from ZeRO-3 partitions, on CPU."""
     state = {}
     for name, layer in celora_layers(model):
+        if layer.r == 0:
+            raise ValueError(f"save_adapter: {name} has no LoRA branch of its own (r=0: the base layer of a PEFT "
+                             "LoRA, as celora_dist.for_trainer builds); save the PeftModel with save_pretrained")
         with gathered([layer.lora_A.weight, layer.lora_B.weight]):
             state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().cpu().clone()
             state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().cpu().clone()

@@ -24,6 +24,58 @@ def _matches(name: str, key: str) -> bool:
     return name == key or name.endswith("." + key)
 
 
+def _checked_targets(model: nn.Module, cfg: CELoRAConfig, caller: str) -> dict[str, nn.Linear]:
+    """The target linears by name; a target key that matches no nn.Linear is an error naming the model's."""
+    if any(isinstance(m, CELoRALinear) for m in model.modules()):
+        raise ValueError(f"{caller}: the model already has CE-LoRA layers")
+    linear_names = _linear_names(model)
+    unmatched = [key for key in cfg.target_modules if not any(_matches(n, key) for n in linear_names)]
+    if unmatched:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
+        raise ValueError(
+            f"{caller}: target module(s) {unmatched} match no nn.Linear in "
+            f"{type(model).__name__}; its linear modules are named {leaves}"
+        )
+    return {n: model.get_submodule(n) for n in linear_names if cfg.keep_for(n) is not None}
+
+
+def _split_factors(linears: dict[str, nn.Linear], cfg: CELoRAConfig, group, factor_cache, verbose: bool,
+                   distribute: bool) -> tuple[dict, dict]:
+    """SVD splits of the approximate targets (planned over the ranks, cached): (factors by name, counts)."""
+    approximate = [(n, lin) for n, lin in linears.items() if needs_factors(cfg.keep_for(n), lin.out_features)]
+    for name, linear in approximate:  # before any SVD: a bad r0 costs nothing
+        check_r0(cfg.r0, linear.out_features, linear.in_features, name)
+    return plan_factors(approximate, cfg.r0, group, factor_cache, verbose, local=not distribute)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def inject_celora_backward(model: nn.Module, cfg: CELoRAConfig, verbose: bool = True, distribute: bool = True,
+                           group=None, factor_cache: str | os.PathLike | None = None) -> list[str]:
+    """Give the approximate targets the CE-LoRA backward with no LoRA branch of their own (r = 0).
+
+    For a PEFT LoRA to wrap (``celora_dist/integrations/hf_trainer.py``): each
+    approximate target becomes a ``CELoRALinear(r=0)`` that PEFT's ``lora.Linear``
+    takes as its base layer; exact targets (keep = 1) stay ``nn.Linear``, so PEFT's
+    plain LoRA runs there. Trainability is PEFT's business: nothing is frozen here.
+    Returns the converted module names. Collective like :func:`inject_celora`.
+    """
+    linears = _checked_targets(model, cfg, "inject_celora_backward")
+    factors, counts = _split_factors(linears, cfg, group, factor_cache, verbose, distribute)
+    for name in factors:
+        kwargs = {**cfg.layer_kwargs(name), "r": 0}
+        _replace(model, name, CELoRALinear(linears[name], **kwargs, factors=factors[name]))
+    if cfg.head_keep is not None:
+        sparsify_lm_head(model, cfg.head_keep, measure_every=cfg.refresh_every)
+    if verbose:
+        print(f"CE-LoRA: {len(factors)} of {len(linears)} target linears get the approximate backward; "
+              f"SVD splits: {counts['computed']} computed by this rank, {counts['cached']} from the cache")
+    return sorted(factors)
+
+
 def inject_celora(model: nn.Module, cfg: CELoRAConfig, verbose: bool = True, distribute: bool = True,
                   group=None, factor_cache: str | os.PathLike | None = None) -> nn.Module:
     """Convert the target linears of ``model`` in place and freeze everything else.
@@ -39,31 +91,14 @@ def inject_celora(model: nn.Module, cfg: CELoRAConfig, verbose: bool = True, dis
     ``model.celora_summary`` (counts of exact/approximate layers, trainable params,
     SVDs computed by this rank, cache hits).
     """
-    if any(isinstance(m, CELoRALinear) for m in model.modules()):
-        raise ValueError("inject_celora: the model already has CE-LoRA layers")
-    linear_names = _linear_names(model)
-    unmatched = [key for key in cfg.target_modules if not any(_matches(n, key) for n in linear_names)]
-    if unmatched:
-        leaves = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
-        raise ValueError(
-            f"inject_celora: target module(s) {unmatched} match no nn.Linear in "
-            f"{type(model).__name__}; its linear modules are named {leaves}"
-        )
+    linears = _checked_targets(model, cfg, "inject_celora")
     for p in model.parameters():
         p.requires_grad_(False)
-
-    targets = [n for n in linear_names if cfg.keep_for(n) is not None]
-    linears = {n: model.get_submodule(n) for n in targets}
-    approximate = [(n, linears[n]) for n in targets if needs_factors(cfg.keep_for(n), linears[n].out_features)]
-    for name, linear in approximate:  # before any SVD: a bad r0 costs nothing
-        check_r0(cfg.r0, linear.out_features, linear.in_features, name)
-    factors, counts = plan_factors(approximate, cfg.r0, group, factor_cache, verbose, local=not distribute)
+    factors, counts = _split_factors(linears, cfg, group, factor_cache, verbose, distribute)
     n_exact = n_approx = 0
-    for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = CELoRALinear(getattr(parent, child), **cfg.layer_kwargs(name), factors=factors.get(name))
-        setattr(parent, child, layer)
+    for name, linear in linears.items():
+        layer = CELoRALinear(linear, **cfg.layer_kwargs(name), factors=factors.get(name))
+        _replace(model, name, layer)
         n_exact += layer.is_exact
         n_approx += not layer.is_exact
 

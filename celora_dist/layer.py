@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .config import AUTO, SCORE_MODES, is_fraction, lora_scaling, num_kept
 from .factors import check_r0, double_lora_factors
 from .kernels import grad_input, gradient_scores
-from .scheduled import ScheduledModule
+from .scheduled import UNDRIVEN_BACKWARDS, ScheduledModule, warn_undriven
 from .selection import RelErrorMeter, complement_of, next_adaptive_k, select_indices
 from .zero import gathered
 
@@ -46,6 +46,8 @@ class LayerOptions:
 
     def __post_init__(self) -> None:
         where = self.name or "layer"
+        if not isinstance(self.r, int) or self.r < 0:
+            raise ValueError(f"r for {where} must be an integer >= 0, got {self.r!r}")
         if self.keep != AUTO and not is_fraction(self.keep):
             raise ValueError(f"keep for {where} must be in (0, 1] or 'auto', got {self.keep!r}")
         if self.keep == AUTO and self.score != "gradient":
@@ -100,7 +102,8 @@ class _CELoRAFunction(torch.autograd.Function):
         s = layer.scaling
         xA = F.linear(xd, lora_A)
         y = F.linear(x, weight, bias)
-        y = y + s * F.linear(xA, lora_B)
+        if layer.r:  # r = 0: the frozen linear alone (a PEFT LoRA around it adds the adapter)
+            y = y + s * F.linear(xA, lora_B)
         ctx.layer = layer
         ctx.fused = xd is x
         ctx.x_shape = x.shape
@@ -168,6 +171,10 @@ class CELoRALinear(ScheduledModule, nn.Module):
     None for exact layers), ``scaling``, ``selected`` (kept output features, None
     while the backward is exact).
 
+    ``r = 0``: no LoRA branch of its own — the frozen linear with the CE-LoRA backward,
+    for a PEFT LoRA layer to wrap as its base layer (``celora_dist/integrations``);
+    PEFT's branch adds s·(G B) A to dX exactly, so the sum is the same dX as r > 0.
+
     ``factors`` (B0, A0, ‖Ws[i, :]‖²) and ``lora_weights`` (A, B) skip the SVD and the
     random LoRA initialisation: the tensor-parallel layers build their shards through
     this same constructor with them.
@@ -201,7 +208,7 @@ class CELoRALinear(ScheduledModule, nn.Module):
         self.name = name
         self.in_features, self.out_features = n, m
         self.r, self.r0 = r, r0
-        self.scaling = lora_scaling(alpha, r, rslora)
+        self.scaling = lora_scaling(alpha, r, rslora) if r else 0.0
         self.adaptive = keep == AUTO
         self.keep = keep if self.adaptive else float(keep)
         self.error_budget = error_budget
@@ -223,6 +230,9 @@ class CELoRALinear(ScheduledModule, nn.Module):
     def _init_lora(self, weight: Tensor, lora_weights: tuple[Tensor, Tensor] | None) -> None:
         m, n, r = self.out_features, self.in_features, self.r
         factory = {"device": weight.device, "dtype": weight.dtype}
+        if r == 0:  # no LoRA branch of its own (and no empty Parameters: ZeRO-3 cannot partition those)
+            self.lora_A = self.lora_B = None
+            return
         if lora_weights is None:
             self.lora_A = nn.Linear(n, r, bias=False, **factory)
             self.lora_B = nn.Linear(r, m, bias=False, **factory)
@@ -257,16 +267,19 @@ class CELoRALinear(ScheduledModule, nn.Module):
         self._B0_dropped: Tensor | None = None  # see _dropped_B0
         self.step = 0  # optimizer steps seen (advanced by finish_step)
         self._pending_colsq: Tensor | None = None
+        self._refresh_backwards = 0  # backwards of this refresh step: too many = nobody drives the schedule
         self.error = RelErrorMeter()  # true dX error of the indices in use, on refresh steps
         self.k_chosen_at: int | None = None  # adaptive keep: the refresh step that chose k
 
     # -- forward ------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         xd = self.lora_dropout(x)
-        return _CELoRAFunction.apply(
-            x, xd, self.base_layer.weight, self.base_layer.bias,
-            self.lora_A.weight, self.lora_B.weight, self.B0, self.A0, self,
-        )
+        weight = self.base_layer.weight
+        if self.r:
+            lora_A, lora_B = self.lora_A.weight, self.lora_B.weight
+        else:  # rank-0 stand-ins: the backward's algebra stays one code path
+            lora_A, lora_B = weight.new_empty(0, self.in_features), weight.new_empty(self.out_features, 0)
+        return _CELoRAFunction.apply(x, xd, weight, self.base_layer.bias, lora_A, lora_B, self.B0, self.A0, self)
 
     # -- backward hooks (called from local_backward / the autograd Function) -------
     def refresh_due(self) -> bool:
@@ -276,6 +289,9 @@ class CELoRALinear(ScheduledModule, nn.Module):
     def _accumulate_scores(self, G: Tensor) -> None:
         colsq = gradient_scores(G)
         self._pending_colsq = colsq if self._pending_colsq is None else self._pending_colsq + colsq
+        self._refresh_backwards += 1
+        if self._refresh_backwards == UNDRIVEN_BACKWARDS:
+            warn_undriven(self.name, self._refresh_backwards)
 
     def _combine_backward(self, fused: bool, dX: Tensor | None, approx: Tensor | None,
                           dA: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
@@ -324,6 +340,7 @@ class CELoRALinear(ScheduledModule, nn.Module):
             self._pending_colsq = None
             if self.adaptive:
                 self.k_chosen_at = self.step
+        self._refresh_backwards = 0
         self.step += 1
 
     def telemetry(self) -> dict[str, Any] | None:
@@ -341,6 +358,7 @@ class CELoRALinear(ScheduledModule, nn.Module):
         self.step = int(state["step"])
         self.set_selected(state["selected"])
         self._pending_colsq = None
+        self._refresh_backwards = 0
         self.error = RelErrorMeter()
         self.k_chosen_at = None
 
@@ -385,6 +403,8 @@ class CELoRALinear(ScheduledModule, nn.Module):
     def merged_linear(self) -> nn.Linear:
         """A plain nn.Linear with the LoRA delta s·B A folded into W0."""
         base = self.base_layer
+        if not self.r:
+            raise ValueError(f"{self.name or 'layer'} has no LoRA branch (r=0); merge through the PEFT model around it")
         params = [base.weight, self.lora_A.weight, self.lora_B.weight]
         with gathered(params):
             merged = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None,
@@ -408,6 +428,26 @@ def _trainable_linear(weight: Tensor) -> nn.Linear:
     lin = nn.utils.skip_init(nn.Linear, r_in, r_out, bias=False, device=weight.device, dtype=weight.dtype)
     lin.weight = nn.Parameter(weight, requires_grad=True)
     return lin
+
+
+def register_zero3_params(model: nn.Module) -> None:
+    """ZeRO-3: let each CELoRALinear's hooks gather the weights its Function reads.
+
+    The CE-LoRA Function reads base_layer/lora_A/lora_B weights without calling those
+    submodules, so ZeRO-3 would never gather them. Registering them as external
+    parameters of the CELoRALinear makes its forward hook gather them and its
+    pre-backward hook re-gather them, while their gradients keep DeepSpeed's ordinary
+    per-parameter reduction hooks. (``set_z3_leaf_modules`` is not used: its
+    module-level backward hook fires before the parameter gradients exist when the
+    layer's input needs no gradient, e.g. q/k/v of the first block with frozen
+    embeddings, and then zero-fills released parameters.) Harmless without ZeRO-3.
+    """
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    for _, module in celora_layers(model):
+        for child in (module.base_layer, module.lora_A, module.lora_B):
+            for param in child.parameters(recurse=False) if child is not None else ():
+                register_external_parameter(module, param)
 
 
 def celora_layers(model: nn.Module) -> Iterator[tuple[str, CELoRALinear]]:

@@ -19,9 +19,39 @@ Per optimizer step the driver calls, in this order:
 from __future__ import annotations
 
 import abc
+import warnings
 from typing import Any
 
 from torch import Tensor
+
+# Backward passes of one refresh step after which the schedule counts as not driven. A
+# refresh step's backwards are all exact, so an undriven model trains as plain LoRA
+# forever: nothing else would show it. No real gradient accumulation reaches 64
+# micro-batches per optimizer step on the setups this targets; one that does only sees
+# this warning once.
+UNDRIVEN_BACKWARDS = 64
+
+
+class UndrivenScheduleWarning(RuntimeWarning):
+    """A CE-LoRA model runs backward passes but nobody calls ``on_optimizer_step``."""
+
+
+_warned_undriven = False
+
+
+def warn_undriven(module_name: str, backwards: int) -> None:
+    """Warn once per process that the schedule of ``module_name`` is not being advanced."""
+    global _warned_undriven
+    if _warned_undriven:
+        return
+    _warned_undriven = True
+    warnings.warn(
+        f"CE-LoRA: {module_name or 'a layer'} ran {backwards} backward passes in one optimizer step: "
+        "nothing advances the CE-LoRA schedule, so every backward stays exact (plain LoRA, no speed-up) "
+        "and the kept indices are never chosen. Call celora_dist.on_optimizer_step(model) after each "
+        "optimizer.step(); with a Hugging Face / TRL Trainer, use `model, callback = "
+        "celora_dist.for_trainer(model, cfg)` and pass callbacks=[callback].",
+        UndrivenScheduleWarning, stacklevel=2)
 
 
 class ScheduledModule(abc.ABC):

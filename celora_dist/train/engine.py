@@ -242,6 +242,8 @@ def build_engine(model, ds_config: dict, args, total_steps: int):
     import deepspeed
     import torch
 
+    from ..layer import register_zero3_params
+
     if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
         register_zero3_params(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -251,25 +253,3 @@ def build_engine(model, ds_config: dict, args, total_steps: int):
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     return engine, optimizer, scheduler
 
-
-def register_zero3_params(model) -> None:
-    """ZeRO-3: let each CELoRALinear's hooks gather the weights its Function reads.
-
-    The CE-LoRA Function reads base_layer/lora_A/lora_B weights without calling those
-    submodules, so ZeRO-3 would never gather them. Registering them as external
-    parameters of the CELoRALinear makes its forward hook gather them and its
-    pre-backward hook re-gather them, while their gradients keep DeepSpeed's ordinary
-    per-parameter reduction hooks. (``set_z3_leaf_modules`` is not used: its
-    module-level backward hook fires before the parameter gradients exist when the
-    layer's input needs no gradient, e.g. q/k/v of the first block with frozen
-    embeddings, and then zero-fills released parameters.)
-    """
-    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
-
-    from ..layer import CELoRALinear
-
-    for module in model.modules():
-        if isinstance(module, CELoRALinear):
-            for child in (module.base_layer, module.lora_A, module.lora_B):
-                for param in child.parameters(recurse=False):
-                    register_external_parameter(module, param)
