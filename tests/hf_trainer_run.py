@@ -71,7 +71,7 @@ def main() -> None:
         """Before the CE-LoRA callback advances the schedule: what this step's backwards did."""
 
         def on_pre_optimizer_step(self, a, state, control, **kw):
-            layer = next(iter(layers.values()))
+            layer = list(layers.values())[-1]  # the last block: its input always needs a gradient
             steps.append({"global_step": state.global_step, "refresh": layer.refresh_due(),
                           "approximate": layer.selected is not None and not layer.refresh_due(),
                           "layer_step": layer.step})

@@ -133,9 +133,14 @@ def test_resume_without_schedule_state_is_refused(sft_run, assets, tmp_path):
         run(assets, tmp_path, *flags, "--resume", str(tmp_path / "checkpoint-3"))
 
 
-def test_undriven_schedule_warns(assets, tmp_path):
-    """Plain Trainer, callback forgotten: the backward would stay exact forever; a warning says what to add."""
-    record = run(assets, tmp_path, "--trainer", "plain", "--no-callback", "--micro", "1", "--steps", "66")
+def test_plain_trainer_driven_and_undriven(assets, tmp_path):
+    """Plain transformers.Trainer: with the callback the schedule runs and stays quiet; with the
+    callback forgotten the backward would stay exact forever, and a warning says what to add."""
+    driven = run(assets, tmp_path / "driven", "--trainer", "plain", "--refresh", "2", "--steps", "5")
+    assert [s["global_step"] for s in driven["steps"] if s["refresh"]] == [0, 2, 4]
+    assert all(s["approximate"] for s in driven["steps"] if not s["refresh"])
+    assert "UndrivenScheduleWarning" not in driven["stderr"]
+    record = run(assets, tmp_path / "undriven", "--trainer", "plain", "--no-callback", "--micro", "1", "--steps", "66")
     assert "UndrivenScheduleWarning" in record["stderr"] and "callbacks=[callback]" in record["stderr"]
     assert all(s["refresh"] and not s["approximate"] for s in record["steps"])  # what it warns about
 
