@@ -24,6 +24,11 @@ from torch import Tensor, nn
 from .factors import double_lora_factors
 from .zero import gathered, is_partitioned
 
+
+def user_cache_dir() -> Path:
+    """celora_dist's cache root: $CELORA_CACHE, else ~/.cache/celora_dist (factors live in its factors/)."""
+    return Path(os.environ.get("CELORA_CACHE", Path.home() / ".cache" / "celora_dist"))
+
 CACHE_VERSION = 1  # bump when the factorisation's output changes
 
 

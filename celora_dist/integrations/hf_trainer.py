@@ -31,6 +31,7 @@ from transformers import TrainerCallback
 
 from ..adapters import peft_lora_config
 from ..config import CELoRAConfig
+from ..factor_plan import user_cache_dir
 from ..inject import inject_celora_backward
 from ..layer import CELoRALinear, register_zero3_params
 from ..schedule import celora_state_dict, load_celora_state_dict, on_optimizer_step, telemetry
@@ -39,14 +40,18 @@ STATE_FILE = "celora_state.pt"  # in each checkpoint-N: the CE-LoRA schedule sta
 
 
 def for_trainer(model: nn.Module, cfg: CELoRAConfig | None = None, *, verbose: bool = True,
-                factor_cache: str | os.PathLike | None = None) -> tuple[PeftModel, "CELoRACallback"]:
+                factor_cache: str | os.PathLike | None = "default") -> tuple[PeftModel, "CELoRACallback"]:
     """Prepare a causal LM for ``Trainer`` / ``SFTTrainer``: returns (peft_model, callback).
 
     ``model``: a plain (not yet PEFT-wrapped) Hugging Face model. Pass the callback to
     the trainer (``callbacks=[callback]``) and give the trainer no ``peft_config`` (the
     model already is one). Under torch.distributed this is collective (the SVD splits
-    are shared out over the ranks, see ``celora_dist/factor_plan.py``).
+    are shared out over the ranks, see ``celora_dist/factor_plan.py``). ``factor_cache``:
+    a folder for the SVD splits, by default the trainer's ($CELORA_CACHE/factors or
+    ~/.cache/celora_dist/factors); None recomputes them every time.
     """
+    if factor_cache == "default":
+        factor_cache = user_cache_dir() / "factors"
     if isinstance(model, PeftModel):
         raise ValueError("for_trainer: the model is already a PeftModel; pass the base model (for_trainer "
                          "adds the LoRA adapter itself, with CE-LoRA's backward under it)")

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..factor_plan import user_cache_dir
 from .errors import UsageError
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -27,7 +28,7 @@ EMBEDDED_EVAL_SAMPLES = 100  # held-out questions evaluated unless --eval-sample
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("CELORA_CACHE", Path.home() / ".cache" / "celora_dist"))
+    return user_cache_dir()
 
 
 def _package_dir(name: str, pip_hint: str) -> Path:
