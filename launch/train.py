@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     batches = D.step_batches(job.train_records, tokenizer, args, dp_group)  # split over DP ranks
     total_steps = args.max_steps or max(1, round((args.epochs or 1) * batches.steps_per_epoch))
     engine, _, scheduler = E.build_engine(model, job.ds_config, args, total_steps)  # AdamW on the LoRA params
-    step = R.start(engine, scheduler, batches, args, dp_group)  # the checkpoint's step, or 0
+    step = R.start(engine, scheduler, batches, args, job, dp_group)  # the checkpoint's step, or 0
     run = R.Run(args, job, engine, tokenizer, batches, dp_group, total_steps, step)  # metrics, evals, saves
     zero_shot = run.evaluate("zero-shot", 0) if args.zero_shot and not args.resume and job.eval_records else None
 
