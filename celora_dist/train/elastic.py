@@ -3,14 +3,14 @@
 A run may lose or gain nodes between a checkpoint and its resume (a Slurm requeue on what
 is free). What depends on the DP size, and how each piece crosses a change of it:
 
-- ZeRO's optimizer state (stages 1-3; at stage 0 bf16's optimizer) is partitioned by DP
-  rank, and DeepSpeed refuses a partition count it did not save. Its own answer is the
+- ZeRO's optimizer state (stages 1-3) is partitioned by DP rank, and DeepSpeed refuses
+  a partition count it did not save. Its own answer is the
   universal checkpoint: the step's folder is converted once, by global rank 0, with
   ``deepspeed.checkpoint.ds_to_universal`` into ``OUTPUT/checkpoints/universal/TAG/`` (one
   folder per parameter: fp32 weights, Adam's moments and step), and the engine, built with
   ``checkpoint.load_universal``, loads that at any DP size. Only the LoRA parameters are
   in it (frozen weights are never saved), so the conversion takes a second or two.
-  ZeRO-0 in fp32 keeps one unpartitioned optimizer state that loads at any size as is.
+  ZeRO-0 (fp32 or bf16) keeps one unpartitioned optimizer state that loads at any size as is.
 - The data position is kept in global samples and the global batch (micro-batch x
   grad-accum x DP ranks) must stay what it was: then step s trains on the same samples
   on any number of ranks (``data.StepBatches``). A changed global batch is refused,
@@ -74,12 +74,12 @@ def _batch_message(saved: dict[str, Any], run: dict[str, Any], where: str) -> st
             f"optimizer's steps count global batches, so keep micro-batch x grad-accum x ranks = {size}: {fix}")
 
 
-def configure(ds_config: dict[str, Any], zero_stage: int, dtype: str) -> None:
-    """Have the engine load a universal checkpoint when its optimizer state is partitioned
-    (every ZeRO stage, and stage 0's bf16 optimizer); fp32 stage 0 loads the ordinary one."""
-    if zero_stage > 0 or dtype == "bf16":
-        section = ds_config.setdefault("checkpoint", {})
-        section["load_universal"] = True
+def configure(ds_config: dict[str, Any], tag_dir: Path) -> None:
+    """Have the engine load a universal checkpoint when the saved optimizer state is
+    partitioned by DP rank (``*optim_states.pt`` files: ZeRO 1-3); ZeRO-0 keeps it whole in
+    the model-states file, which loads at any DP size as is."""
+    if any(tag_dir.glob("*optim_states.pt")):
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
 
 def universal_folder(tag_dir: Path, root: Path) -> tuple[str, str]:

@@ -55,7 +55,7 @@ def prepare(args: argparse.Namespace) -> Job:
         saved = checkpoint.check_compatible(args.resume_dir, args.resume_tag, info)
         resized_from = elastic.check_resize(saved, info, str(args.resume_dir / args.resume_tag))
         if resized_from is not None:  # ZeRO's partitions cross DP sizes as a universal checkpoint
-            elastic.configure(ds_config, zero_stage, args.dtype)
+            elastic.configure(ds_config, args.resume_dir / args.resume_tag)
     if args.embedded:
         model_dir = embedded.ensure_model(verbose=is_main)
         train_records, eval_records, task = embedded.task_records(args.mc_format)
