@@ -15,7 +15,8 @@ Several ranks (DeepSpeed's launcher; on a machine without GPUs add DS_ACCELERATO
 Tensor parallelism: the TP size is the config's tensor_parallel.autotp_size (or --tp N);
 ranks form a TP x DP grid, ZeRO stages 0-2 partition over the DP group (TP + ZeRO-3 is refused).
 
-Outputs in --output-dir: metrics.jsonl, checkpoints/ (resume with --resume DIR),
+Outputs in --output-dir: metrics.jsonl, checkpoints/ (resume with --resume DIR, also on another
+number of data-parallel ranks with the same micro-batch x grad-accum x ranks),
 adapter/ (PEFT format: peft.PeftModel.from_pretrained(base, "adapter")), summary.json.
 The script reads top to bottom; the pieces live in celora_dist/train/.
 """

@@ -10,6 +10,10 @@ One launch per configuration, shared by several assertions:
 - ZeRO-3, CE-LoRA in exact mode (keep = 1 everywhere): losses and adapter equal a
   single-process ``--method lora`` run.
 - The embedded default (SmolLM2-135M on PIQA) end to end with 3 steps; prints accuracy.
+- Elastic resume: a ZeRO-2 checkpoint of 2 ranks continued on 1, a ZeRO-3 checkpoint of 1
+  rank continued on 2 (same global batch), each landing on the straight run at the new size
+  (the single-process run, the ZeRO-3 run above); the data order across layouts and the
+  refused changes in process.
 """
 from __future__ import annotations
 
@@ -348,3 +352,30 @@ def test_elastic_resume_refusals_fail_fast_in_process(assets, tmp_path, clean_en
     assert check_resize({"tp_size": 1, "dp_size": 2, "global_batch": 8}, {**run, "tp_size": 1, "dp_size": 1,
                                                                            "micro_batch": 8}, "ckpt") == 2
     assert check_resize({"world_size": 2}, {**run, "tp_size": 1}, "ckpt") is None  # an older run_info.json
+
+
+def test_elastic_conversion_failure_is_one_error_on_every_rank_and_a_finished_copy_is_reused(tmp_path, clean_env):
+    """ds_to_universal failing on rank 0 (here: a corrupt partition file) is reported as a usage
+    error naming the log, after the barrier, instead of leaving the other ranks waiting; a
+    finished copy (CONVERTED) is loaded without converting again."""
+    import torch.distributed as dist
+
+    from celora_dist.train.cli import UsageError
+    from celora_dist.train.elastic import CONVERTED, universal_folder
+
+    tag = tmp_path / "checkpoints" / "step000004"
+    tag.mkdir(parents=True)
+    (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"not a torch file")
+    root = tmp_path / "out" / "checkpoints" / "universal"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        with pytest.raises(UsageError, match=r"could not be converted to a universal checkpoint .* see .*step000004\.log"):
+            universal_folder(tag, root)
+        assert "Traceback" in (root / "step000004.log").read_text()
+        assert not (root / "step000004" / CONVERTED).exists()
+        (root / "step000004").mkdir(parents=True, exist_ok=True)
+        (root / "step000004" / CONVERTED).write_bytes(b"")
+        assert universal_folder(tag, root) == (str(root), "step000004")  # no second conversion attempt
+        assert (root / "step000004" / CONVERTED).is_file()
+    finally:
+        dist.destroy_process_group()

@@ -29,6 +29,7 @@ import contextlib
 import os
 import random
 import shutil
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,8 @@ def check_resize(saved: dict[str, Any], run: dict[str, Any], where: str) -> int 
 
     Raises UsageError for a TP size change, a DP size change under TP, or a global batch
     that differs from the saved one (naming the flags that make it equal)."""
+    if not saved:  # a checkpoint from before run_info.json: taken as saved by this layout
+        return None
     saved_tp, tp = saved.get("tp_size", 1) or 1, run["tp_size"]
     if saved_tp != tp:
         raise UsageError(f"--resume {where}: saved with TP size {saved_tp}, this run has TP size {tp}; a checkpoint "
@@ -94,11 +97,12 @@ def universal_folder(tag_dir: Path, root: Path) -> tuple[str, str]:
 
     out = root / tag_dir.name
     if dist.get_rank() == 0 and not (out / CONVERTED).is_file():
-        _convert(tag_dir, out)
+        with contextlib.suppress(Exception):  # reported below, on every rank, after the barrier
+            _convert(tag_dir, out)
     dist.barrier()
     if not (out / CONVERTED).is_file():
         raise UsageError(f"--resume: {tag_dir} could not be converted to a universal checkpoint in {out} "
-                         f"(see {out}.log on the first rank's machine)")
+                         f"(DeepSpeed's ds_to_universal failed: see {out}.log on the first rank's machine)")
     return str(root), tag_dir.name
 
 
@@ -113,7 +117,11 @@ def _convert(tag_dir: Path, out: Path) -> None:
                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
     log = Path(f"{out}.log")
     with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-        ds_to_universal(args)
+        try:
+            ds_to_universal(args)
+        except Exception:
+            traceback.print_exc()
+            raise
     (out / CONVERTED).write_bytes(b"")
     os.replace(log, out / "universal.log")
 
