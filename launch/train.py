@@ -15,7 +15,8 @@ Several ranks (DeepSpeed's launcher; on a machine without GPUs add DS_ACCELERATO
 Tensor parallelism: the TP size is the config's tensor_parallel.autotp_size (or --tp N);
 ranks form a TP x DP grid, ZeRO stages 0-2 partition over the DP group (TP + ZeRO-3 is refused).
 
-Outputs in --output-dir: metrics.jsonl, checkpoints/ (resume with --resume DIR),
+Outputs in --output-dir: metrics.jsonl, checkpoints/ (resume with --resume DIR, also on another
+number of data-parallel ranks with the same micro-batch x grad-accum x ranks),
 adapter/ (PEFT format: peft.PeftModel.from_pretrained(base, "adapter")), summary.json.
 The script reads top to bottom; the pieces live in celora_dist/train/.
 """
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     batches = D.step_batches(job.train_records, tokenizer, args, dp_group)  # split over DP ranks
     total_steps = args.max_steps or max(1, round((args.epochs or 1) * batches.steps_per_epoch))
     engine, _, scheduler = E.build_engine(model, job.ds_config, args, total_steps)  # AdamW on the LoRA params
-    step = R.start(engine, scheduler, batches, args, dp_group)  # the checkpoint's step, or 0
+    step = R.start(engine, scheduler, batches, args, job, dp_group)  # the checkpoint's step, or 0
     run = R.Run(args, job, engine, tokenizer, batches, dp_group, total_steps, step)  # metrics, evals, saves
     zero_shot = run.evaluate("zero-shot", 0) if args.zero_shot and not args.resume and job.eval_records else None
 

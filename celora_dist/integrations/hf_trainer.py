@@ -11,7 +11,7 @@ everything the Trainer does for PEFT models holds unchanged: ``checkpoint-N`` ho
 the adapter and optimizer state, not the frozen backbone (DeepSpeed checkpoints with
 ``exclude_frozen_parameters``); ZeRO-3 saves gather the adapter; adapters are plain
 PEFT LoRA adapters (``PeftModel.from_pretrained`` on the base model, no celora_dist
-needed). The callback adds what the Trainer cannot know about (docs/design.md §7):
+needed). The callback adds what the Trainer cannot know about (docs/design.md §8):
 the schedule advanced once per optimizer step with scores summed over the
 data-parallel world, the schedule state in each ``checkpoint-N`` and restored on
 resume, and the layers' dX error in the Trainer's logs.

@@ -4,7 +4,9 @@ Layout under ``OUTPUT/checkpoints``::
 
     step000010/            DeepSpeed's files (model states, ZeRO partitions, optimizer, scheduler)
     step000010/trainer_rank<R>.pt   per rank: CE-LoRA step counters + selected indices, RNG states
+    step000010/run_info.json        the set-up (ranks, batch sizes, ZeRO stage, dtype, method)
     step000010/COMPLETE    written last, after every rank finished
+    universal/step000010/  made by a resume on another number of DP ranks (elastic.py)
     latest                 the newest COMPLETE tag, replaced atomically (tmp file + rename)
 
 A crash anywhere before ``latest`` is replaced leaves the previous tag as the one
@@ -50,19 +52,25 @@ def find_checkpoint(path: str) -> tuple[Path, str]:
 RUN_INFO = "run_info.json"
 
 
-def check_compatible(ckpt_dir: Path, tag: str, run: dict[str, Any]) -> None:
-    """Refuse to resume across a change DeepSpeed cannot load (ranks, ZeRO stage, dtype, method)."""
+# Set-up a checkpoint resumes only under (the DP size may change: elastic.check_resize).
+FIXED = ("zero_stage", "dtype", "method")
+
+
+def check_compatible(ckpt_dir: Path, tag: str, run: dict[str, Any]) -> dict[str, Any]:
+    """The set-up the checkpoint was saved with ({} for one without RUN_INFO); refuses a change
+    DeepSpeed cannot load (ZeRO stage, dtype, method)."""
     import json
 
     info_file = ckpt_dir / tag / RUN_INFO
     if not info_file.is_file():
-        return
+        return {}
     saved = json.loads(info_file.read_text())
-    diff = {k: (saved[k], run[k]) for k in run if k in saved and saved[k] != run[k]}
+    diff = {k: (saved[k], run[k]) for k in FIXED if k in saved and saved[k] != run[k]}
     if diff:
         detail = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items())
         raise UsageError(f"--resume {ckpt_dir / tag}: saved by a different set-up ({detail}); "
-                         f"resume with the same ranks, TP size, ZeRO stage, dtype and method")
+                         f"resume with the same ZeRO stage, dtype and method")
+    return saved
 
 
 def _rng_state() -> dict[str, Any]:
@@ -142,22 +150,34 @@ def _serialize(obj) -> bytes:
     return buf.getvalue()
 
 
-def load(engine, ckpt_dir: Path, tag: str) -> dict[str, Any]:
-    """Restore engine, CE-LoRA schedule and RNG; returns DeepSpeed's client_state."""
+def load(engine, ckpt_dir: Path, tag: str, saved_dp: int | None = None,
+         universal_root: Path | None = None) -> dict[str, Any]:
+    """Restore engine, CE-LoRA schedule and RNG; returns DeepSpeed's client_state.
+
+    ``saved_dp``: the checkpoint's DP size when this run has another (elastic.check_resize):
+    the engine then loads the step's universal copy under ``universal_root`` (converted here
+    if the engine asks for one), each rank continues rank ``r mod saved_dp``'s CE-LoRA state,
+    and the caller reseeds."""
     import torch
     import torch.distributed as dist
 
     from .. import load_celora_state_dict
+    from . import elastic
 
     rank = dist.get_rank()
-    rank_file = _rank_file(ckpt_dir / tag, rank)
+    source = rank if saved_dp is None else elastic.source_rank(rank, saved_dp)
+    rank_file = _rank_file(ckpt_dir / tag, source)
     if not rank_file.is_file():
-        raise UsageError(f"--resume: {ckpt_dir / tag} has no state for rank {rank} "
-                         f"(was it saved with a different number of ranks?)")
-    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False)
+        raise UsageError(f"--resume: {ckpt_dir / tag} has no state for rank {source} "
+                         f"(an incomplete copy of the checkpoint?)")
+    load_dir, load_tag = str(ckpt_dir), tag
+    if saved_dp is not None and engine.load_universal_checkpoint():
+        load_dir, load_tag = elastic.universal_folder(ckpt_dir / tag, universal_root)
+    path, client_state = engine.load_checkpoint(load_dir, tag=load_tag, load_module_strict=False)
     if path is None:
         raise UsageError(f"--resume: DeepSpeed could not load {ckpt_dir / tag}")
     mine = torch.load(rank_file, map_location="cpu", weights_only=False)
     load_celora_state_dict(engine.module, mine["celora"])
-    _set_rng_state(mine["rng"])
+    if saved_dp is None:
+        _set_rng_state(mine["rng"])
     return client_state

@@ -8,8 +8,10 @@ Accepted files (JSON list or JSONL, one object per line):
 
 Every record becomes ``{prompt, answer, choices, label}``: the loss is taken on the
 answer tokens only; ``choices``/``label`` (multiple choice) drive the accuracy eval.
-Order per epoch is a seeded permutation split across data-parallel ranks exactly as
-``torch.utils.data.DistributedSampler`` does.
+Order per epoch is a seeded permutation, cut into global batches by global sample index
+(:func:`global_batch`), each split over the data-parallel ranks: which samples step s
+trains on depends on the global batch size only, not on how many ranks share it, so a
+checkpoint resumes on another number of ranks at the same place (docs/design.md §7).
 """
 from __future__ import annotations
 
@@ -194,50 +196,75 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-class StepBatches:
-    """Micro-batches grouped by optimizer step, resumable at any step.
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The permutation of ``n`` samples that epoch ``epoch`` visits (the one
+    ``DistributedSampler(shuffle=True, seed=seed)`` draws after ``set_epoch(epoch)``)."""
+    g = torch.Generator()
+    g.manual_seed(seed + epoch)
+    return torch.randperm(n, generator=g).tolist()
 
-    Epoch e visits a permutation of the dataset seeded by (seed, e), split over DP ranks
-    like ``DistributedSampler(shuffle=True, drop_last=True)``: rank r takes positions
-    r, r + world, ... . Each optimizer step takes ``grad_accum`` micro-batches of
-    ``micro_batch`` rows; an epoch ends when fewer than that remain.
+
+def global_batch(order: list[int], step_in_epoch: int, size: int) -> list[int]:
+    """The samples of one optimizer step: positions [s * size, (s + 1) * size) of the epoch's order.
+
+    A function of the global sample index alone: the DP size only decides who takes which
+    of them (:func:`rank_share`)."""
+    return order[step_in_epoch * size:(step_in_epoch + 1) * size]
+
+
+def rank_share(batch: list[int], dp_rank: int, dp_world: int) -> list[int]:
+    """DP rank r's part of a global batch: positions r, r + world, ... (``DistributedSampler``'s split)."""
+    return batch[dp_rank::dp_world]
+
+
+class StepBatches:
+    """Micro-batches grouped by optimizer step, resumable at any step, on any number of DP ranks.
+
+    Step s of epoch e trains on the global batch ``global_batch(epoch_order(n, seed, e), s, B)``
+    with B = micro_batch x grad_accum x DP ranks; DP rank r takes its :func:`rank_share` and cuts
+    it into ``grad_accum`` micro-batches of ``micro_batch`` rows. An epoch has n // B steps (the
+    rest is dropped). The position is saved in global samples (``state()``), so a resume with the
+    same B on another DP size continues with the same samples.
     """
 
     def __init__(self, dataset, micro_batch: int, grad_accum: int, dp_rank: int, dp_world: int,
                  seed: int, pad_id: int):
         self.dataset, self.mb, self.ga = dataset, micro_batch, grad_accum
         self.rank, self.world, self.seed, self.pad_id = dp_rank, dp_world, seed, pad_id
-        self.per_rank = len(dataset) // dp_world
-        self.steps_per_epoch = self.per_rank // (micro_batch * grad_accum)
+        self.global_batch = micro_batch * grad_accum * dp_world
+        self.steps_per_epoch = len(dataset) // self.global_batch
         if self.steps_per_epoch < 1:
             raise UsageError(
                 f"{len(dataset)} training examples are too few for one step of micro-batch {micro_batch} x "
                 f"grad-accum {grad_accum} x {dp_world} rank(s)")
         self.epoch, self.step_in_epoch = 0, 0
 
-    def _rank_indices(self, epoch: int) -> list[int]:
-        from torch.utils.data import DistributedSampler
-
-        sampler = DistributedSampler(range(len(self.dataset)), num_replicas=self.world, rank=self.rank,
-                                     shuffle=True, seed=self.seed, drop_last=True)
-        sampler.set_epoch(epoch)
-        return list(sampler)
-
     def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
+        """The position in global samples: ``sample`` samples of epoch ``epoch`` are done."""
+        return {"epoch": self.epoch, "sample": self.step_in_epoch * self.global_batch,
+                "global_batch": self.global_batch}
 
     def load_state(self, state: dict[str, int]) -> None:
-        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+        """Continue at a saved position (checkpoints before positions in samples: ``step_in_epoch``)."""
+        self.epoch = int(state["epoch"])
+        if "sample" not in state:
+            self.step_in_epoch = int(state["step_in_epoch"])
+            return
+        sample = int(state["sample"])
+        if sample % self.global_batch:
+            raise UsageError(f"--resume: the checkpoint stopped {sample} samples into epoch {self.epoch}, not a "
+                             f"multiple of this run's global batch of {self.global_batch}; keep micro-batch x "
+                             f"grad-accum x DP ranks = {state.get('global_batch', '?')} as when it was saved")
+        self.step_in_epoch = sample // self.global_batch
 
     def __iter__(self) -> Iterator[list[dict[str, torch.Tensor]]]:
         while True:
-            indices = self._rank_indices(self.epoch)
-            per_step = self.mb * self.ga
+            order = epoch_order(len(self.dataset), self.seed, self.epoch)
             while self.step_in_epoch < self.steps_per_epoch:
-                chunk = indices[self.step_in_epoch * per_step:(self.step_in_epoch + 1) * per_step]
+                mine = rank_share(global_batch(order, self.step_in_epoch, self.global_batch), self.rank, self.world)
                 self.step_in_epoch += 1
-                yield [collate(self.dataset.select(chunk[i:i + self.mb]).to_list(), self.pad_id)
-                       for i in range(0, per_step, self.mb)]
+                yield [collate(self.dataset.select(mine[i:i + self.mb]).to_list(), self.pad_id)
+                       for i in range(0, len(mine), self.mb)]
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
 
 

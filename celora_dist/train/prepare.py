@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint, data, embedded, engine, model, parallel
+from . import checkpoint, data, elastic, embedded, engine, model, parallel
 
 
 @dataclass
@@ -30,12 +30,15 @@ class Job:
     train_records: list[dict]
     eval_records: list[dict]
     task: str  # one line for the banner
+    resized_from: int | None = None  # a resume on another DP size: the checkpoint's (elastic.py)
 
 
 def run_info(args: argparse.Namespace, world: int, zero_stage: int) -> dict[str, Any]:
-    """The set-up DeepSpeed cannot resume across (see checkpoint.check_compatible)."""
+    """The set-up a resume is checked against (checkpoint.check_compatible, elastic.check_resize)."""
+    dp = world // args.tp
     return {"world_size": world, "zero_stage": zero_stage, "dtype": args.dtype, "method": args.method,
-            "tp_size": args.tp}
+            "tp_size": args.tp, "dp_size": dp, "micro_batch": args.micro_batch, "grad_accum": args.grad_accum,
+            "global_batch": args.micro_batch * args.grad_accum * dp}
 
 
 def prepare(args: argparse.Namespace) -> Job:
@@ -47,8 +50,12 @@ def prepare(args: argparse.Namespace) -> Job:
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     is_main = int(os.environ.get("RANK", "0")) == 0
     info = run_info(args, world, zero_stage)
+    resized_from = None
     if args.resume:
-        checkpoint.check_compatible(args.resume_dir, args.resume_tag, info)
+        saved = checkpoint.check_compatible(args.resume_dir, args.resume_tag, info)
+        resized_from = elastic.check_resize(saved, info, str(args.resume_dir / args.resume_tag))
+        if resized_from is not None:  # ZeRO's partitions cross DP sizes as a universal checkpoint
+            elastic.configure(ds_config, args.resume_dir / args.resume_tag)
     if args.embedded:
         model_dir = embedded.ensure_model(verbose=is_main)
         train_records, eval_records, task = embedded.task_records(args.mc_format)
@@ -63,4 +70,4 @@ def prepare(args: argparse.Namespace) -> Job:
     parallel.check_tp_model(model_dir, args.tp)
     return Job(world=world, tp=args.tp, zero_stage=zero_stage, is_main=is_main, ds_config=ds_config,
                run_info=info, model_dir=model_dir, train_records=train_records, eval_records=eval_records,
-               task=task)
+               task=task, resized_from=resized_from)

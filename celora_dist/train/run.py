@@ -15,27 +15,31 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint, evaluate, outputs
+from . import checkpoint, elastic, evaluate, outputs
 from .engine import sync_lr_after_resume
 from .errors import StopRequested, TrainingError
 from .metrics import Metrics, has_telemetry
 from .prepare import Job
 
 
-def start(engine, scheduler, batches, args: argparse.Namespace, dp_group: Any) -> int:
+def start(engine, scheduler, batches, args: argparse.Namespace, job: Job, dp_group: Any) -> int:
     """The optimizer step this run starts at.
 
     Resume: the checkpoint's engine, CE-LoRA schedule, RNG states and data position, with
-    the lr this run's schedule gives the saved step (--max-steps may have changed). Fresh:
-    0, after seeding each DP replica's own dropout stream (a TP group shares one)."""
-    if args.resume:
-        client = checkpoint.load(engine, args.resume_dir, args.resume_tag)
-        sync_lr_after_resume(scheduler)
-        batches.load_state(client["data"])
-        return client["step"]
+    the lr this run's schedule gives the saved step (--max-steps may have changed); on
+    another DP size (``job.resized_from``) the RNG streams are reseeded instead (elastic.py).
+    Fresh: 0, after seeding each DP replica's own dropout stream (a TP group shares one)."""
     import torch
     import torch.distributed as dist
 
+    if args.resume:
+        client = checkpoint.load(engine, args.resume_dir, args.resume_tag, job.resized_from,
+                                 Path(args.output_dir) / "checkpoints" / elastic.UNIVERSAL)
+        sync_lr_after_resume(scheduler)
+        batches.load_state(client["data"])
+        if job.resized_from is not None:
+            elastic.reseed(args.seed, client["step"], dist.get_rank(dp_group))
+        return client["step"]
     torch.manual_seed(args.seed + dist.get_rank(dp_group))
     return 0
 
@@ -69,7 +73,8 @@ class Run:
             f"{'CE-LoRA' if args.method == 'celora' else 'LoRA'} | {Path(job.model_dir).name} | {job.task} | "
             f"{layout} | micro-batch {args.micro_batch} x grad-accum {args.grad_accum} "
             f"| {total_steps} steps ({batches.steps_per_epoch}/epoch) | {args.dtype}"
-            + (f" | resumed at step {step}" if args.resume else ""))
+            + (f" | resumed at step {step}" if args.resume else "")
+            + (f" (saved by {job.resized_from} DP rank(s))" if job.resized_from else ""))
 
     def evaluate(self, label: str, step: int) -> dict[str, Any]:
         """Held-out loss (and accuracy) split over the DP group; logged to metrics.jsonl and printed."""
