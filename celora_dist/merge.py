@@ -1,0 +1,82 @@
+"""Merge a CE-LoRA adapter into its base model for deployment: a plain Hugging Face model folder.
+
+    python -m celora_dist.merge --model BASE_DIR --adapter runs/x/adapter --out merged/
+
+The adapter is an ordinary PEFT LoRA adapter (CE-LoRA changes only the backward), so the
+merge is PEFT's own ``merge_and_unload``; the result loads with ``from_pretrained`` and
+needs neither PEFT nor celora_dist. The folder is written beside ``--out`` and renamed into
+place, so an interrupted merge leaves nothing half-written; an existing ``--out`` is
+refused unless ``--overwrite`` is given.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m celora_dist.merge", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="base model folder (the one the adapter was trained on)")
+    p.add_argument("--adapter", required=True, help="PEFT adapter folder (adapter_config.json + weights)")
+    p.add_argument("--out", required=True, help="folder to write the merged model to")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the merged weights")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    return p.parse_args(argv)
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Every path problem as one message naming the culprit, before anything is loaded."""
+    if not (Path(args.model) / "config.json").is_file():
+        raise SystemExit(f"error: --model {args.model}: no config.json there (a Hugging Face model folder is needed)")
+    if not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise SystemExit(f"error: --adapter {args.adapter}: no adapter_config.json there (a PEFT adapter folder "
+                         "is needed, e.g. OUTPUT/adapter of launch/train.py)")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --out {out} is a file")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise SystemExit(f"error: --out {out} already exists and is not empty; pass --overwrite to replace it")
+
+
+def merge(model_dir: str | Path, adapter_dir: str | Path, out: str | Path, dtype: str = "float32") -> Path:
+    """Load base + adapter, fold the LoRA delta into the weights, save a plain model (+ tokenizer) to ``out``."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        merged.save_pretrained(tmp)
+        try:
+            AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp)
+        except (OSError, ValueError):  # a model folder without a tokenizer: the weights are what matters
+            pass
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_paths(args)
+    out = merge(args.model, args.adapter, args.out, args.dtype)
+    print(f"merged {args.adapter} into {args.model} -> {out} ({args.dtype}); "
+          f"load with AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
