@@ -58,10 +58,12 @@ def assets(tmp_path_factory):
 @pytest.fixture(scope="package")
 def single_celora(assets, tmp_path_factory):
     """CE-LoRA, mc data, micro-batch 8 on one rank: also the reference of the 2-rank runs
-    (same global batches as micro-batch 4 x 2 ranks)."""
+    (same global batches as micro-batch 4 x 2 ranks). Checkpoints at 5, 10, 15 and 20, of which
+    --save-total-limit keeps the newest two (saving does not touch the numerics)."""
     out = tmp_path_factory.mktemp("single_celora")
     proc = run_train(["--model", str(assets["model"]), "--data", str(assets["mc"]), *TINY_FLAGS,
                       "--max-steps", "20", "--refresh-every", "4", "--micro-batch", "8",
+                      "--save-every", "5", "--save-total-limit", "2",
                       "--output-dir", str(out), "--dump-celora-state"])
     assert proc.returncode == 0, show(proc)
     return out, proc

@@ -35,6 +35,25 @@ def test_single_process_celora_loss_falls(single_celora):
     assert "summary: 20 steps" in proc.stdout
 
 
+def test_checkpoints_carry_adapters_and_rotate(single_celora):
+    """Every checkpoint holds its step's PEFT adapter; --save-total-limit 2 kept the newest two."""
+    from safetensors.torch import load_file
+
+    out, proc = single_celora
+    ckpts = out / "checkpoints"
+    assert sorted(d.name for d in ckpts.glob("step*")) == ["step000015", "step000020"]
+    assert (ckpts / "latest").read_text() == "step000020"
+    assert "removed checkpoint step000005" in proc.stdout and "removed checkpoint step000010" in proc.stdout
+    final = load_file(out / "adapter" / "adapter_model.safetensors")
+    at20 = load_file(ckpts / "step000020" / "adapter" / "adapter_model.safetensors")
+    at15 = load_file(ckpts / "step000015" / "adapter" / "adapter_model.safetensors")
+    assert final.keys() == at20.keys() == at15.keys()
+    for key in final:
+        torch.testing.assert_close(at20[key], final[key], rtol=0, atol=0)
+    assert any(not torch.equal(at15[k], final[k]) for k in final)  # step 15's own weights, not a copy
+    assert (ckpts / "step000015" / "adapter" / "adapter_config.json").is_file()
+
+
 def test_single_process_lora_same_path_and_peft_adapter(assets, single_lora, single_celora):
     out, _ = single_lora
     _loss_falls(train_losses(out))

@@ -4,6 +4,7 @@ Layout under ``OUTPUT/checkpoints``::
 
     step000010/            DeepSpeed's files (model states, ZeRO partitions, optimizer, scheduler)
     step000010/trainer_rank<R>.pt   per rank: CE-LoRA step counters + selected indices, RNG states
+    step000010/adapter/    the PEFT adapter of that step (evaluate or ship step N as it is)
     step000010/run_info.json        the set-up (ranks, batch sizes, ZeRO stage, dtype, method)
     step000010/COMPLETE    written last, after every rank finished
     universal/step000010/  made by a resume on another number of DP ranks (elastic.py)
@@ -17,8 +18,9 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import UsageError
 
@@ -103,10 +105,13 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], run: dict[str, Any]) -> str:
+def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], run: dict[str, Any],
+         write_adapter: Callable[[Path], Any] | None = None) -> str:
     """Save everything for ``step`` on every rank (collective), then :func:`commit` the tag.
 
-    ``run``: the set-up a resume must match (see :func:`check_compatible`)."""
+    ``run``: the set-up a resume must match (see :func:`check_compatible`).
+    ``write_adapter(folder)``: writes the step's PEFT adapter (collective), before the commit,
+    so every complete checkpoint has one."""
     import torch.distributed as dist
 
     from .. import celora_state_dict
@@ -117,8 +122,28 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], run: d
                            exclude_frozen_parameters=True)
     buf = _serialize({"celora": celora_state_dict(engine.module), "rng": _rng_state(), "step": step})
     _atomic_write(_rank_file(ckpt_dir / tag, dist.get_rank()), buf)
+    if write_adapter is not None:
+        write_adapter(ckpt_dir / tag / "adapter")
     commit(ckpt_dir, tag, run)
     return tag
+
+
+def rotate(ckpt_dir: Path, keep: int) -> list[str]:
+    """Delete the oldest complete checkpoints beyond the newest ``keep`` (rank 0 only; call after a
+    commit). The tag ``latest`` names is never deleted, nor anything without COMPLETE (a save in
+    progress or one a crash interrupted: ``--resume`` never reads those). Returns the deleted tags."""
+    import torch.distributed as dist
+
+    if keep <= 0 or (dist.is_initialized() and dist.get_rank() != 0):
+        return []
+    latest = (ckpt_dir / LATEST).read_text().strip() if (ckpt_dir / LATEST).is_file() else None
+    complete = sorted(d.name for d in ckpt_dir.glob("step*") if (d / COMPLETE).is_file())
+    doomed = [tag for tag in complete[:-keep] if tag != latest]
+    for tag in doomed:
+        # un-COMPLETE first: a crash mid-delete leaves a folder resume ignores, never a half checkpoint
+        (ckpt_dir / tag / COMPLETE).unlink()
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+    return doomed
 
 
 def commit(ckpt_dir: Path, tag: str, run: dict[str, Any]) -> None:

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace the run already in --output-dir (moved aside at start, deleted once this "
                         "run's first checkpoint exists); without it such a folder is refused")
     g.add_argument("--save-every", type=int, default=0, help="save a checkpoint every N steps (0 = only at the end)")
+    g.add_argument("--save-total-limit", type=int, default=0,
+                   help="keep only the newest N complete checkpoints (0 = keep all); the one --resume "
+                        "would load is never deleted")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0 = only at the end)")
     g.add_argument("--log-every", type=int, default=1, help="write metrics.jsonl every N steps")
     g.add_argument("--zero-shot", action=argparse.BooleanOptionalAction, default=None,
@@ -191,6 +194,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UsageError(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
     if args.lr <= 0:
         raise UsageError(f"--lr must be positive, got {args.lr}")
+    for flag in ("save_every", "save_total_limit"):
+        if getattr(args, flag) < 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be 0 or more, got {getattr(args, flag)}")
     if not args.dist_timeout > 0:
         raise UsageError(f"--dist-timeout must be a positive number of seconds, got {args.dist_timeout}")
     if (args.model is None) != (args.data is None):

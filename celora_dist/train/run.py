@@ -19,6 +19,7 @@ from . import checkpoint, elastic, evaluate, outputs
 from .engine import sync_lr_after_resume
 from .errors import StopRequested, TrainingError
 from .metrics import Metrics, has_telemetry
+from .parallel import export_adapter
 from .prepare import Job
 
 
@@ -146,8 +147,11 @@ class Run:
     def save(self, step: int) -> None:
         """Checkpoint after ``step`` optimizer steps, with the data position (collective)."""
         self.watchdog.beat()
-        checkpoint.save(self.engine, self.ckpt_dir, step, {"step": step, "data": self.batches.state()},
-                        self.job.run_info)
+        job = self.job
+        checkpoint.save(self.engine, self.ckpt_dir, step, {"step": step, "data": self.batches.state()}, job.run_info,
+                        write_adapter=lambda folder: export_adapter(self.engine.module, folder, str(job.model_dir), job.tp))
+        for tag in checkpoint.rotate(self.ckpt_dir, self.args.save_total_limit):
+            self.metrics.message(f"removed checkpoint {tag} (--save-total-limit {self.args.save_total_limit})")
         self.watchdog.beat()
         if self.previous_run is not None:  # this run now has a complete checkpoint of its own
             outputs.remove_previous_run(self.previous_run)
