@@ -117,6 +117,10 @@ def _bad_inputs(assets, tmp):
     mb_clash.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}}))
     empty_dir = tmp / "no_ckpt"
     empty_dir.mkdir(exist_ok=True)
+    chat = tmp / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "red"}, {"role": "assistant", "content": "blue"}]}))
+    bad_role = tmp / "bad_role.jsonl"
+    bad_role.write_text(json.dumps({"conversations": [{"from": "robot", "value": "x"}, {"from": "gpt", "value": "y"}]}))
     base = ["--model", model, "--data", mc, *TINY_FLAGS, "--max-steps", "2", "--output-dir", str(tmp / "out")]
     return [
         ("missing data", ["--model", model, "--data", str(tmp / "nope.jsonl")], r"--data .*nope\.jsonl: no such file"),
@@ -134,6 +138,9 @@ def _bad_inputs(assets, tmp):
         ("resume without checkpoint", base + ["--resume", str(empty_dir)], r"--resume .*no_ckpt: no checkpoint there"),
         ("keep above 1", base + ["--keep", "v_proj=1.5"], r"--keep v_proj=1.5: keep must be in \(0, 1\]"),
         ("keep zero", base + ["--keep", "o_proj=0"], r"--keep o_proj=0: keep must be in \(0, 1\]"),
+        ("chat without template", ["--model", model, "--data", str(chat), "--eval-data", str(chat)],
+         r"no chat template; give one with --chat-template FILE"),
+        ("chat unknown role", ["--model", model, "--data", str(bad_role)], r"bad_role\.jsonl: line 1: turn 0 has role 'robot'"),
     ]
 
 

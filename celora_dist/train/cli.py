@@ -30,9 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=None, help="HF model folder (default: embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--data", default=None,
-                   help="training file: alpaca JSON/JSONL {instruction,input,output} or a multiple-choice "
-                        "JSONL (BoolQ/PIQA/SIQA/OBQA/CSQA shapes) (default: embedded PIQA)")
+    g.add_argument("--data", default=None, nargs="+",
+                   help="training data, one source or several (concatenated): JSON/JSONL files, parquet files "
+                        "or datasets save_to_disk folders, with chat {messages} / ShareGPT {conversations}, "
+                        "alpaca {instruction,input,output} or multiple-choice (BoolQ/PIQA/SIQA/OBQA/CSQA "
+                        "shapes) rows (default: embedded PIQA)")
+    g.add_argument("--chat-template", default=None,
+                   help="Jinja chat template file for chat data (default: the tokenizer's own)")
     g.add_argument("--eval-data", default=None,
                    help="held-out file (default: a fixed held-out split of --data)")
     g.add_argument("--eval-fraction", type=float, default=0.1,
@@ -207,10 +211,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not (model / "config.json").is_file():
             raise UsageError(f"--model {args.model}: not a Hugging Face model folder (no config.json there)"
                              if model.exists() else f"--model {args.model}: no such folder")
-    for flag in ("data", "eval_data"):
-        path = getattr(args, flag)
-        if path is not None and not Path(path).is_file():
-            raise UsageError(f"--{flag.replace('_', '-')} {path}: no such file")
+    for flag, paths in (("data", args.data or []), ("eval_data", [args.eval_data] if args.eval_data else [])):
+        for path in paths:
+            if not Path(path).exists():
+                raise UsageError(f"--{flag.replace('_', '-')} {path}: no such file or folder")
+    if args.chat_template is not None and not Path(args.chat_template).is_file():
+        raise UsageError(f"--chat-template {args.chat_template}: no such file")
     if args.deepspeed_config is None:
         args.deepspeed_config = str(Path(__file__).resolve().parents[2] / "ds_configs" / "zero2.json")
         if not Path(args.deepspeed_config).is_file():

