@@ -140,6 +140,7 @@ def _bad_inputs(assets, tmp):
         ("keep zero", base + ["--keep", "o_proj=0"], r"--keep o_proj=0: keep must be in \(0, 1\]"),
         ("chat without template", ["--model", model, "--data", str(chat), "--eval-data", str(chat)],
          r"no chat template; give one with --chat-template FILE"),
+        ("unknown reporter", base + ["--report-to", "tensorboard,mlflow"], r"--report-to: unknown reporter\(s\) \['mlflow'\]"),
         ("chat unknown role", ["--model", model, "--data", str(bad_role)], r"bad_role\.jsonl: line 1: turn 0 has role 'robot'"),
     ]
 
@@ -186,3 +187,32 @@ def test_exact_mode_is_the_lora_method():
     partial = cfg(["--keep", "v_proj=0.3,q_proj=0.9", "--refresh-every", "7", "--no-sync-indices"])
     assert partial["keep"]["v_proj"] == 0.3 and partial["keep"]["q_proj"] == 0.9 and "q_proj" not in partial["exact"]
     assert partial["refresh_every"] == 7 and partial["sync_indices"] is False
+
+
+def test_report_to_tensorboard_and_csv(assets, tmp_path):
+    """--report-to tensorboard,csv: DeepSpeed's monitor writes loss and CE-LoRA's dX errors; the CSV
+    files and the TensorBoard event files hold the same values as metrics.jsonl."""
+    import csv
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "out"
+    proc = run_train(["--model", str(assets["model"]), "--data", str(assets["mc"]), *TINY_FLAGS, "--max-steps", "6",
+                      "--refresh-every", "2", "--micro-batch", "4", "--report-to", "tensorboard,csv",
+                      "--no-final-eval", "--output-dir", str(out)])
+    assert proc.returncode == 0, show(proc)
+    records = {r["step"]: r for r in read_metrics(out) if "eval" not in r}
+    rows = list(csv.reader(open(out / "logs" / "csv" / "Train_loss.csv")))
+    assert [(int(s), float(v)) for s, v in rows[1:]] == [(s, pytest.approx(r["loss"])) for s, r in sorted(records.items())]
+    mean_rows = list(csv.reader(open(out / "logs" / "csv" / "CELoRA_dx_rel_error_mean.csv")))
+    assert [int(s) for s, _ in mean_rows[1:]] == [2, 4]  # refresh steps 2 and 4 (steps count from 0)
+    tb_dirs = [p.parent for p in (out / "logs" / "tensorboard").rglob("events.out.tfevents.*")]
+    acc = EventAccumulator(str(tb_dirs[0]))
+    acc.Reload()
+    loss = {e.step: e.value for e in acc.Scalars("Train/loss")}
+    assert loss == {s: pytest.approx(r["loss"], rel=1e-6) for s, r in records.items()}
+    layer_tags = [t for t in acc.Tags()["scalars"] if t.startswith("CELoRA/dx_rel_error/")]
+    assert layer_tags and any(t.endswith("v_proj") for t in layer_tags)
+    v_tag = next(t for t in layer_tags if t.endswith("v_proj"))
+    name = v_tag.removeprefix("CELoRA/dx_rel_error/")
+    assert {e.step: e.value for e in acc.Scalars(v_tag)}[4] == pytest.approx(records[4]["grad_rel_error"][name], rel=1e-6)

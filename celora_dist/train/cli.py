@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "would load is never deleted")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0 = only at the end)")
     g.add_argument("--log-every", type=int, default=1, help="write metrics.jsonl every N steps")
+    g.add_argument("--report-to", default="none",
+                   help="also log through DeepSpeed's monitor: any of tensorboard,csv,wandb (comma-separated; "
+                        "files under OUTPUT/logs), with CE-LoRA's dX errors; or none")
     g.add_argument("--zero-shot", action=argparse.BooleanOptionalAction, default=None,
                    help="also evaluate before training (default: on for the embedded default)")
     g.add_argument("--no-final-eval", action="store_true", help="skip the held-out evaluation at the end")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint, data, elastic, embedded, engine, model, parallel
+from . import checkpoint, data, elastic, embedded, engine, model, monitor, parallel
 
 
 @dataclass
@@ -48,6 +48,7 @@ def prepare(args: argparse.Namespace) -> Job:
     world = int(os.environ["WORLD_SIZE"])
     ds_config = engine.resolve_ds_config(args.deepspeed_config, args, world)  # also the TP size: args.tp
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    monitor.add_reporters(ds_config, monitor.parse_report_to(args.report_to), Path(args.output_dir))
     is_main = int(os.environ.get("RANK", "0")) == 0
     info = run_info(args, world, zero_stage)
     resized_from = None

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint, elastic, evaluate, outputs
+from . import checkpoint, elastic, evaluate, monitor, outputs
 from .engine import sync_lr_after_resume
 from .errors import StopRequested, TrainingError
 from .metrics import Metrics, has_telemetry
@@ -99,6 +99,8 @@ class Run:
         self.watchdog.beat()
         self.metrics.step(record, write=has_telemetry(record) or step % args.log_every == 0
                           or step == self.total_steps)
+        if self.engine.monitor.enabled:  # --report-to / the config's tensorboard, csv_monitor, wandb
+            self.engine.monitor.write_events(monitor.events(record))
         self.check_step(step, record)
         if args.save_every and step % args.save_every == 0 and step < self.total_steps:
             self.save(step)
