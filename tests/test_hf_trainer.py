@@ -145,20 +145,27 @@ def test_plain_trainer_driven_and_undriven(assets, tmp_path):
     assert all(s["refresh"] and not s["approximate"] for s in record["steps"])  # what it warns about
 
 
+TWO_RANK_FLAGS = ["--trainer", "sft", "--steps", "3", "--refresh", "100", "--micro", "2"]
+
+
+@pytest.fixture(scope="module")
+def one_process_global_batch(assets, tmp_path_factory):
+    """The 2-rank runs' reference: one process, micro-batch 2 x grad-accum 2 = the same global batch."""
+    return run(assets, tmp_path_factory.mktemp("one"), *TWO_RANK_FLAGS, "--grad-accum", "2")
+
+
 @pytest.mark.parametrize("zero", [2, 3])
-def test_accelerate_two_ranks_deepspeed(zero, assets, tmp_path):
+def test_accelerate_two_ranks_deepspeed(zero, assets, tmp_path, one_process_global_batch):
     """accelerate launch, 2 ranks, DeepSpeed ZeRO-2/3 with the "auto" config: indices equal on both
     ranks and to one process on the same global batch; the final adapter is a loadable PEFT adapter."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    flags = ["--trainer", "sft", "--steps", "3", "--refresh", "100", "--micro", "2"]
-    two = run(assets, tmp_path / "two", *flags, "--save-steps", "2", nproc=2, zero=zero)
+    two = run(assets, tmp_path / "two", *TWO_RANK_FLAGS, "--save-steps", "2", nproc=2, zero=zero)
     assert_adapter_checkpoint(tmp_path / "two" / "checkpoint-2", assets["model"])
     rank1 = json.loads((tmp_path / "two" / "record-rank1.json").read_text())
     assert two["schedule"] == rank1["schedule"]
-    one = run(assets, tmp_path / "one", *flags, "--grad-accum", "2")
-    assert two["schedule"] == one["schedule"]  # the step-0 scores summed over the same 4 examples
+    assert two["schedule"] == one_process_global_batch["schedule"]  # the step-0 scores summed over the same 4 examples
     assert any(s["selected"] for s in two["schedule"].values())
 
     from safetensors.torch import load_file

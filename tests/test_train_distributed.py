@@ -66,8 +66,8 @@ def zero3_sync(assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("z3_sync")
     port = free_port()
     proc = run_train(["--model", str(assets["model"]), "--data", str(assets["mc"]), *TINY_FLAGS, *TWO_RANK,
-                      "--deepspeed_config", "ds_configs/zero3.json", "--output-dir", str(out)], nproc=2,
-                     port=port)
+                      "--deepspeed_config", "ds_configs/zero3.json", "--output-dir", str(out),
+                      "--eval-mode", "generate", "--max-new-tokens", "3"], nproc=2, port=port)
     assert proc.returncode == 0, show(proc)
     return out, port
 
@@ -125,6 +125,9 @@ def test_zero3_synced_indices_identical_and_match_single_process(zero3_sync, sin
     assert [s["step"] for s in r0.values()] == [20] * len(r0)
     # ZeRO-3 gathers W0/B0/A0/LoRA correctly in forward and backward: same losses as one process.
     assert losses == pytest.approx(train_losses(single), rel=0, abs=1e-4)
+    # --eval-mode generate under ZeRO-3: synced generate calls on both ranks, counts summed
+    final = [r for r in read_metrics(out) if r.get("eval") == "final"][-1]
+    assert final["gen_examples"] == final["eval_examples"] and 0.0 <= final["gen_accuracy"] <= 1.0
 
 
 def test_run_leaves_no_deepspeed_shared_memory_behind(zero3_sync):

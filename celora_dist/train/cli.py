@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--zero-shot", action=argparse.BooleanOptionalAction, default=None,
                    help="also evaluate before training (default: on for the embedded default)")
     g.add_argument("--no-final-eval", action="store_true", help="skip the held-out evaluation at the end")
+    g.add_argument("--eval-mode", choices=("score", "generate"), default="score",
+                   help="score: answer loss + choice log-likelihood accuracy; generate: also greedy generation "
+                        "with answer extraction (letters, yes/no, numbers, option words) and exact match")
+    g.add_argument("--max-new-tokens", type=int, default=32, help="generation length cap of --eval-mode generate")
     g.add_argument("--dump-celora-state", action="store_true",
                    help="write each rank's selected indices to OUTPUT/celora_state/rank<R>.pt at the end")
     g.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
@@ -201,6 +205,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UsageError(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
     if args.lr <= 0:
         raise UsageError(f"--lr must be positive, got {args.lr}")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     for flag in ("save_every", "save_total_limit"):
         if getattr(args, flag) < 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be 0 or more, got {getattr(args, flag)}")

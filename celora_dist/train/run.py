@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint, elastic, evaluate, monitor, outputs
+from . import checkpoint, elastic, evaluate, generation, monitor, outputs
 from .engine import sync_lr_after_resume
 from .errors import StopRequested, TrainingError
 from .metrics import Metrics, has_telemetry
@@ -83,9 +83,15 @@ class Run:
         t = time.perf_counter()
         result = evaluate.evaluate(self.engine.module, self.tokenizer, self.job.eval_records, self.args.seq_len,
                                    self.engine.device, group=self.dp_group)
+        if self.args.eval_mode == "generate":
+            result.update(generation.generate_eval(self.engine.module, self.tokenizer, self.job.eval_records,
+                                                   self.args.seq_len, self.engine.device, self.args.max_new_tokens,
+                                                   group=self.dp_group, synced=self.job.zero_stage == 3))
         result["eval_time_s"] = round(time.perf_counter() - t, 2)
         self.metrics.write({"step": step, "eval": label, **result})
         acc = f", accuracy {result['accuracy']:.4f}" if "accuracy" in result else ""
+        if "gen_accuracy" in result:
+            acc += f", generation exact match {result['gen_accuracy']:.4f}"
         self.watchdog.beat()
         self.metrics.message(f"[{label}] held-out loss {result['eval_loss']:.4f}{acc} "
                              f"on {len(self.job.eval_records)} examples ({result['eval_time_s']} s)")
