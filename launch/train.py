@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
             if boundary:  # finish refreshes, sync scores over the DP group, advance counters
                 celora_dist.on_optimizer_step(engine.module, group=dp_group)
             loss_sum += float(loss.detach())
-            tokens += int(micro["attention_mask"].sum())
+            tokens += D.batch_tokens(micro)
         record = step_record(engine, step, loss_sum / len(group), tokens, lr, t0, dp_group)  # DP-averaged
         losses.append(record["loss"])
         step += 1

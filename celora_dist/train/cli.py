@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mc-format", choices=("text", "letter"), default="text",
                    help="multiple choice: answer with the option text (scored per option) or its letter")
     g.add_argument("--seq-len", type=int, default=256, help="max tokens per example (prompt truncated from the left)")
+    g.add_argument("--packing", action="store_true",
+                   help="padding-free micro-batches: the examples of a micro-batch in one sequence, position ids "
+                        "restarting per example, no attention across examples (same loss as padded, no pad compute)")
 
     g = p.add_argument_group("method")
     g.add_argument("--method", choices=METHODS, default="celora",

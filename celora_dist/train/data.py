@@ -233,6 +233,27 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def collate_packed(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """Padding-free: the rows concatenated into ONE sequence, position ids restarting at each row.
+
+    With no attention mask, transformers reads the restarts as packed sequences and masks
+    attention block-diagonally (``masking_utils.find_packed_sequence_indices``, sdpa/eager/flex;
+    flash-attention's variable-length path where installed), so each example attends to
+    itself only. Each row's first label is -100: the token before it (the previous row's
+    last) must not be trained to predict it. The micro-batch's mean token loss is then the
+    padded batch's — same tokens, same targets — without computing a single pad.
+    """
+    ids = torch.tensor([t for r in rows for t in r["input_ids"]]).unsqueeze(0)
+    labels = torch.tensor([t for r in rows for t in [IGNORE] + list(r["labels"][1:])]).unsqueeze(0)
+    positions = torch.tensor([p for r in rows for p in range(len(r["input_ids"]))]).unsqueeze(0)
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+
+def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real (non-pad) tokens of a padded or packed micro-batch."""
+    return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The permutation of ``n`` samples that epoch ``epoch`` visits (the one
     ``DistributedSampler(shuffle=True, seed=seed)`` draws after ``set_epoch(epoch)``)."""
@@ -265,8 +286,8 @@ class StepBatches:
     """
 
     def __init__(self, dataset, micro_batch: int, grad_accum: int, dp_rank: int, dp_world: int,
-                 seed: int, pad_id: int):
-        self.dataset, self.mb, self.ga = dataset, micro_batch, grad_accum
+                 seed: int, pad_id: int, packing: bool = False):
+        self.dataset, self.mb, self.ga, self.packing = dataset, micro_batch, grad_accum, packing
         self.rank, self.world, self.seed, self.pad_id = dp_rank, dp_world, seed, pad_id
         self.global_batch = micro_batch * grad_accum * dp_world
         self.steps_per_epoch = len(dataset) // self.global_batch
@@ -300,8 +321,8 @@ class StepBatches:
             while self.step_in_epoch < self.steps_per_epoch:
                 mine = rank_share(global_batch(order, self.step_in_epoch, self.global_batch), self.rank, self.world)
                 self.step_in_epoch += 1
-                yield [collate(self.dataset.select(mine[i:i + self.mb]).to_list(), self.pad_id)
-                       for i in range(0, len(mine), self.mb)]
+                rows = [self.dataset.select(mine[i:i + self.mb]).to_list() for i in range(0, len(mine), self.mb)]
+                yield [collate_packed(r) if self.packing else collate(r, self.pad_id) for r in rows]
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
 
 
@@ -315,4 +336,5 @@ def step_batches(records: list[dict], tokenizer, args: argparse.Namespace, dp_gr
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return StepBatches(tokenize(records, tokenizer, args.seq_len), args.micro_batch, args.grad_accum,
-                       dist.get_rank(dp_group), dist.get_world_size(dp_group), args.seed, pad_id)
+                       dist.get_rank(dp_group), dist.get_world_size(dp_group), args.seed, pad_id,
+                       packing=args.packing)
