@@ -61,7 +61,22 @@ def main() -> None:
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(Path(args.assets) / "tiny-llama")
     tok.chat_template = CHAT_TEMPLATE
+    common = dict(output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.micro,
+                  gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, logging_steps=1,
+                  save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
+                  report_to=[], seed=0, data_seed=0,
+                  ddp_backend="gloo" if "LOCAL_RANK" in os.environ else None, lr_scheduler_type="constant",
+                  disable_tqdm=True, deepspeed=args.deepspeed)
+    # The order TRL's docs use: training arguments first, then the model. Under the accelerate
+    # DeepSpeed plugin with ZeRO-3 that loads the model already partitioned (zero.Init).
+    if args.trainer == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        targs = SFTConfig(**common, max_length=48, packing=args.packing, bf16=False)
+    else:
+        targs = TrainingArguments(**common)
     model = AutoModelForCausalLM.from_pretrained(Path(args.assets) / "tiny-llama")
+    partitioned_at_load = any(hasattr(p, "ds_id") for p in model.parameters())
     cfg = CELoRAConfig(r=4, alpha=8, r0=4, refresh_every=args.refresh)
     model, callback = celora_dist.for_trainer(model, cfg, verbose=False)
     layers = dict(celora_layers(model))
@@ -76,18 +91,9 @@ def main() -> None:
                           "approximate": layer.selected is not None and not layer.refresh_due(),
                           "layer_step": layer.step})
 
-    common = dict(output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.micro,
-                  gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, logging_steps=1,
-                  save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
-                  report_to=[], seed=0, data_seed=0,
-                  ddp_backend="gloo" if "LOCAL_RANK" in os.environ else None, lr_scheduler_type="constant",
-                  disable_tqdm=True, deepspeed=args.deepspeed)
     callbacks = [Recorder()] + ([] if args.no_callback else [callback])
     if args.trainer == "sft":
-        from trl import SFTConfig, SFTTrainer
-
         data = Dataset.from_list(chat_rows(64))
-        targs = SFTConfig(**common, max_length=48, packing=args.packing, bf16=False)
         trainer = SFTTrainer(model=model, args=targs, train_dataset=data, processing_class=tok, callbacks=callbacks)
     else:
         enc = [tok(f"{r['messages'][0]['content']} {r['messages'][1]['content']}")["input_ids"] for r in chat_rows(64)]
@@ -96,7 +102,7 @@ def main() -> None:
         labels = [e + [-100] * (width - len(e)) for e in enc]
         data = Dataset.from_dict({"input_ids": ids, "labels": labels,
                                   "attention_mask": [[1] * len(e) + [0] * (width - len(e)) for e in enc]})
-        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=data, callbacks=callbacks)
+        trainer = Trainer(model=model, args=targs, train_dataset=data, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=args.resume)
     trainer.save_model(str(out / "final"))
 
@@ -114,6 +120,7 @@ def main() -> None:
                      for name, s in state.items()},
         "telemetry": celora_dist.telemetry(model),
         "global_step": trainer.state.global_step,
+        "partitioned_at_load": partitioned_at_load,
     }
     (out / f"record-rank{rank}.json").write_text(json.dumps(record))
 

@@ -162,6 +162,7 @@ def test_accelerate_two_ranks_deepspeed(zero, assets, tmp_path, one_process_glob
     from transformers import AutoModelForCausalLM
 
     two = run(assets, tmp_path / "two", *TWO_RANK_FLAGS, "--save-steps", "2", nproc=2, zero=zero)
+    assert two["partitioned_at_load"] == (zero == 3)  # ZeRO-3: for_trainer ran on a zero.Init-partitioned model
     assert_adapter_checkpoint(tmp_path / "two" / "checkpoint-2", assets["model"])
     rank1 = json.loads((tmp_path / "two" / "record-rank1.json").read_text())
     assert two["schedule"] == rank1["schedule"]
