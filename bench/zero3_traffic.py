@@ -1,4 +1,4 @@
-"""ZeRO-3 frozen-weight traffic: bytes all-gathered per optimizer step, PEFT LoRA vs CE-LoRA.
+"""ZeRO-3 frozen-weight traffic: bytes all-gathered per optimizer step, LoRA (the trainer's --method lora) vs CE-LoRA.
 
     python bench/zero3_traffic.py                       # tiny test model (tests/train_utils.py), ~2 min
     python bench/zero3_traffic.py --model smollm2       # the embedded SmolLM2-135M, a few minutes
