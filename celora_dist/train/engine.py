@@ -32,7 +32,7 @@ KNOWN_TOP_LEVEL = {
     "graph_harvesting", "timers", "eigenvalue", "progressive_layer_drop", "quantize_training",
     "gradient_allreduce_op", "sparse_attention", "zero_optimization_stage", "mics_shard_size",
     "mics_hierarchical_params_gather", "load_universal_checkpoint", "use_node_local_storage",
-    "expert_data_topo_config", "domino",
+    "expert_data_topo_config", "domino", "comms_logger",
 }
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 DEFAULT_MICRO_BATCH = 4
