@@ -57,7 +57,8 @@ def inject_celora(model: nn.Module, cfg: CELoRAConfig, verbose: bool = True, dis
     approximate = [(n, linears[n]) for n in targets if needs_factors(cfg.keep_for(n), linears[n].out_features)]
     for name, linear in approximate:  # before any SVD: a bad r0 costs nothing
         check_r0(cfg.r0, linear.out_features, linear.in_features, name)
-    factors, counts = plan_factors(approximate, cfg.r0, group, factor_cache, verbose, local=not distribute)
+    factors, counts = plan_factors(approximate, cfg.r0, group, factor_cache, verbose, local=not distribute,
+                                   svd=cfg.svd_method)
     n_exact = n_approx = 0
     for name in targets:
         parent_name, _, child = name.rpartition(".")
