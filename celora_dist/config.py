@@ -35,10 +35,10 @@ class CELoRAConfig:
     error_budget: target relative dX error per layer for ``"auto"`` keeps.
     head_keep: fraction of vocabulary rows kept in the LM head's backward (None: the
         head's dX stays exact). See celora_dist/head.py.
-    svd: how the start-up split W0 = B0 A0 + Ws finds its top-r0 subspace: ``"exact"``
-        (torch.linalg.svd) or ``"randomized"`` (range finder with ``svd_oversample`` extra
-        columns and ``svd_niter`` power iterations, seeded by the weight's bytes). See
-        celora_dist/factors.py and docs/design.md §1 for the measured trade-off.
+    svd: how the start-up split W0 = B0 A0 + Ws finds its top-r0 subspace: ``"randomized"``
+        (the default: range finder with ``svd_oversample`` extra columns and ``svd_niter``
+        power iterations, seeded by the weight's bytes) or ``"exact"`` (torch.linalg.svd).
+        The default was chosen from measurements (docs/design.md §1, BENCHMARKS.md).
     """
 
     r: int = 14
@@ -53,9 +53,9 @@ class CELoRAConfig:
     sync_indices: bool = True
     error_budget: float = 0.3
     head_keep: float | None = None
-    svd: str = "exact"
-    svd_oversample: int = 8
-    svd_niter: int = 2
+    svd: str = "randomized"
+    svd_oversample: int = 16
+    svd_niter: int = 4
 
     def __post_init__(self) -> None:
         self.exact = tuple(self.exact)
@@ -171,15 +171,16 @@ def check_svd(method: Any, oversample: Any, niter: Any, prefix: str = "") -> Non
 class SVDMethod:
     """How the split's top-r0 subspace is found.
 
-    ``"exact"``: ``torch.linalg.svd`` (oversample/niter ignored). ``"randomized"``: a
+    ``"exact"`` (a bare CELoRALinear's default): ``torch.linalg.svd``, oversample/niter
+    ignored. ``"randomized"`` (CELoRAConfig's default, so inject_celora's and the trainer's): a
     Gaussian test matrix of r0 + ``oversample`` columns, ``niter`` power (subspace)
     iterations, then an exact SVD of the small projected matrix (Halko, Martinsson &
     Tropp 2011, Alg. 4.4 + 5.1).
     """
 
     method: str = "exact"
-    oversample: int = 8
-    niter: int = 2
+    oversample: int = 16
+    niter: int = 4
 
     def __post_init__(self) -> None:
         check_svd(self.method, self.oversample, self.niter, "SVDMethod: ")

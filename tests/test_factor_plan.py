@@ -96,7 +96,8 @@ def test_cache_misses_on_a_changed_weight_r0_or_dtype(tmp_path, monkeypatch):
 
 def test_cache_never_serves_one_svd_method_for_another(tmp_path, monkeypatch):
     calls = _counting(monkeypatch)
-    exact = _factors(inject_celora(tiny_llama(), CELoRAConfig(**CFG), verbose=False, factor_cache=tmp_path))
+    exact_cfg = CELoRAConfig(**CFG, svd="exact")
+    exact = _factors(inject_celora(tiny_llama(), exact_cfg, verbose=False, factor_cache=tmp_path))
     calls.clear()
     rand_cfg = CELoRAConfig(**CFG, svd="randomized", svd_oversample=4, svd_niter=1)
     rand = _factors(inject_celora(tiny_llama(), rand_cfg, verbose=False, factor_cache=tmp_path))
@@ -109,7 +110,7 @@ def test_cache_never_serves_one_svd_method_for_another(tmp_path, monkeypatch):
                   verbose=False, factor_cache=tmp_path)
     assert len(calls) == 8  # other power iterations: another key
     calls.clear()
-    inject_celora(tiny_llama(), CELoRAConfig(**CFG), verbose=False, factor_cache=tmp_path)
+    inject_celora(tiny_llama(), exact_cfg, verbose=False, factor_cache=tmp_path)
     assert calls == []  # the exact entries are still there, untouched
     keys = {p.name.split("-")[-2] for p in tmp_path.glob("*.safetensors")}
     assert keys == {"exact", "rand_p4_q1", "rand_p4_q2"}

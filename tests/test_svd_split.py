@@ -88,6 +88,32 @@ def test_trainer_flags_reach_the_config(tmp_path):
     args = parse_args(["--svd", "randomized", "--svd-oversample", "4", "--svd-niter", "3",
                        "--output-dir", str(tmp_path / "run")])
     assert args.celora.svd_method == SVDMethod("randomized", 4, 3)
-    assert parse_args(["--output-dir", str(tmp_path / "run")]).celora.svd == "exact"
+    assert parse_args(["--output-dir", str(tmp_path / "run")]).celora.svd_method == SVDMethod("randomized", 16, 4)
+    assert parse_args(["--svd", "exact", "--output-dir", str(tmp_path / "run")]).celora.svd == "exact"
     with pytest.raises(UsageError, match="--svd-niter must be non-negative, got -1"):
         parse_args(["--svd", "randomized", "--svd-niter", "-1", "--output-dir", str(tmp_path / "run")])
+
+
+def test_study_measures_what_it_says_on_a_small_matrix():
+    """bench/svd_split.py's per-layer numbers, on a 96 x 64 weight: the exact split is its own
+    reference (no excess, full overlap, +0 points); a randomized one that keeps every direction
+    (r0 + oversample = 64 columns) finds the same subspace; errors are relative dX errors."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "svd_split.py"
+    spec = importlib.util.spec_from_file_location("svd_split", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    W = bench.power_law_weight(96, 64, seed=0)
+    G_sel, G_eval = bench.synthetic_gradients(96, 128, seed=1)
+    bench.METHODS = {"exact": SVDMethod(), "full": SVDMethod("randomized", 64, 1),
+                     "p0 q0": SVDMethod("randomized", 0, 0)}
+    out = bench.study_layer(W, G_sel, G_eval, keep=0.5, repeats=1)
+    assert out["exact"]["excess"] == 0 and out["exact"]["ov_grad"] == out["exact"]["ov_static"] == 1
+    assert out["exact"]["dx_vs_exact_pts"] == 0 and 0 < out["exact"]["dx_err"] < 1
+    assert abs(out["full"]["excess"]) < 1e-5 and out["full"]["ov_grad"] == 1
+    assert out["p0 q0"]["excess"] > 1e-3 and out["p0 q0"]["ov_static"] < 1  # a poor basis shows
+    rows = bench.aggregate("w", [out, out])
+    assert [r["method"] for r in rows] == list(bench.METHODS) and rows[0]["x_exact"] == 1
+    assert rows[2]["x_exact"] == pytest.approx(out["exact"]["ms"] / out["p0 q0"]["ms"])

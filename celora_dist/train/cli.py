@@ -65,13 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "r0 and dtype (default: $CELORA_CACHE/factors, else ~/.cache/celora_dist/factors)")
     g.add_argument("--no-factor-cache", action="store_true", help="recompute every SVD split, store nothing")
     g.add_argument("--svd", choices=SVD_METHODS, default=None,
-                   help="how the start-up SVD split of each approximate W0 is computed: exact "
-                        "(torch.linalg.svd) or randomized (range finder seeded by the weight's bytes; "
-                        "docs/design.md §1) (config default: exact)")
+                   help="how the start-up SVD split of each approximate W0 is computed: randomized "
+                        "(range finder seeded by the weight's bytes) or exact (torch.linalg.svd); "
+                        "docs/design.md §1 (config default: randomized)")
     g.add_argument("--svd-oversample", type=int, default=None,
-                   help="randomized split: extra test columns beyond r0 (config default 8)")
+                   help="randomized split: extra test columns beyond r0 (config default 16)")
     g.add_argument("--svd-niter", type=int, default=None,
-                   help="randomized split: power iterations (config default 2)")
+                   help="randomized split: power iterations (config default 4)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: 1 epoch; 30 for the embedded default)")
