@@ -223,6 +223,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "of steps)")
     p.add_argument("--error-budget", type=float, default=0.3)
     p.add_argument("--head-keep", default="0.1", help="comma list: one celora-head method per value")
+    p.add_argument("--dist-timeout", type=float, default=None,
+                   help="passed to the trainer: on a loaded machine a 300-question evaluation can outlast "
+                        "its 600 s progress watchdog")
     p.add_argument("--svd-oversample", type=int, default=16, help="celora-rsvd: oversampling columns")
     p.add_argument("--svd-niter", type=int, default=4, help="celora-rsvd: power iterations")
     p.add_argument("--mc-format", choices=("text", "letter"), default="text")
@@ -263,6 +266,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     common = ["--max-steps", str(a.steps), "--micro-batch", str(a.micro_batch), "--seq-len", str(a.seq_len),
               "--lr", str(a.lr), "--eval-samples", str(a.eval_samples), "--refresh-every", str(a.refresh_every),
               "--mc-format", a.mc_format, "--deepspeed_config", str(ROOT / "ds_configs" / "zero2.json")]
+    if a.dist_timeout is not None:
+        common += ["--dist-timeout", str(a.dist_timeout)]
     started = time.perf_counter()
     rows = []
     try:
