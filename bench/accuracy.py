@@ -12,6 +12,9 @@ steps, batch and held-out questions per seed; only the method flags differ:
 - ``lora``: ``--method lora --r 16`` (plain LoRA, the paper's baseline rank);
 - ``celora``: the released config (r = r0 = 14, v/o keep 0.55, up/down 0.65);
 - ``celora-auto``: ``--keep auto --error-budget B`` (k per layer from the measured error);
+- ``celora``: runs with ``--svd exact`` and ``celora-rsvd`` with ``--svd randomized``
+  (``--svd-oversample``/``--svd-niter`` from this script's flags), so the two compare the
+  split whatever the config's default;
 - ``celora-head``: released config + ``--head-keep H`` (vocab-sparse LM-head backward);
   with several ``--head-keep`` values, one method per value (``celora-head0.05``, ...).
 
@@ -37,18 +40,21 @@ from pathlib import Path
 from _common import markdown_table
 from _trainer_runs import ROOT, run_trainer
 
-METHODS = ("lora", "celora", "celora-auto", "celora-head")
+METHODS = ("lora", "celora", "celora-auto", "celora-head", "celora-rsvd")
+DEFAULT_METHODS = ("lora", "celora", "celora-auto", "celora-head")
 COLUMNS = ["task", "method", "accuracy", "std", "delta_vs_lora", "delta_std", "seeds", "final_loss",
            "eval_loss", "train_s", "layer_err", "head_err", "mean_keep"]
 
 
-def method_flags(method: str, error_budget: float) -> list[str]:
+def method_flags(method: str, error_budget: float, svd: tuple[int, int] = (16, 4)) -> list[str]:
     if method.startswith("celora-head"):  # celora-head<keep>, see expand_methods
         return ["--method", "celora", "--head-keep", method[len("celora-head"):]]
     return {
         "lora": ["--method", "lora", "--r", "16"],
-        "celora": ["--method", "celora"],
+        "celora": ["--method", "celora", "--svd", "exact"],
         "celora-auto": ["--method", "celora", "--keep", "auto", "--error-budget", str(error_budget)],
+        "celora-rsvd": ["--method", "celora", "--svd", "randomized", "--svd-oversample", str(svd[0]),
+                        "--svd-niter", str(svd[1])],
     }[method]
 
 
@@ -205,7 +211,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--tasks", default="piqa", help="comma list of piqa, boolq")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {METHODS}")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list of {METHODS}")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=36, help="optimizer steps per run (same for every method)")
     p.add_argument("--micro-batch", type=int, default=4)
@@ -217,6 +223,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "of steps)")
     p.add_argument("--error-budget", type=float, default=0.3)
     p.add_argument("--head-keep", default="0.1", help="comma list: one celora-head method per value")
+    p.add_argument("--dist-timeout", type=float, default=None,
+                   help="passed to the trainer: on a loaded machine a 300-question evaluation can outlast "
+                        "its 600 s progress watchdog")
+    p.add_argument("--svd-oversample", type=int, default=16, help="celora-rsvd: oversampling columns")
+    p.add_argument("--svd-niter", type=int, default=4, help="celora-rsvd: power iterations")
     p.add_argument("--mc-format", choices=("text", "letter"), default="text")
     p.add_argument("--model", default=None, help="HF model folder instead of the embedded SmolLM2 (with --data)")
     p.add_argument("--data", default=None)
@@ -255,6 +266,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     common = ["--max-steps", str(a.steps), "--micro-batch", str(a.micro_batch), "--seq-len", str(a.seq_len),
               "--lr", str(a.lr), "--eval-samples", str(a.eval_samples), "--refresh-every", str(a.refresh_every),
               "--mc-format", a.mc_format, "--deepspeed_config", str(ROOT / "ds_configs" / "zero2.json")]
+    if a.dist_timeout is not None:
+        common += ["--dist-timeout", str(a.dist_timeout)]
     started = time.perf_counter()
     rows = []
     try:
@@ -266,7 +279,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for seed in range(a.seeds):
                 for method in methods:
                     first = seed == 0 and method == methods[0]
-                    flags = tflags + common + method_flags(method, a.error_budget) + ["--seed", str(seed)]
+                    flags = tflags + common + method_flags(method, a.error_budget, (a.svd_oversample, a.svd_niter))
+                    flags += ["--seed", str(seed)]
                     summary = _reuse(done, method, seed, flags, root / task / "runs.jsonl")
                     if summary is None:
                         summary = run_one(flags + ["--zero-shot" if first else "--no-zero-shot"],

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 SCORE_MODES = ("gradient", "static")
+SVD_METHODS = ("exact", "randomized")
 AUTO = "auto"
 
 RELEASED_KEEP = {"v_proj": 0.55, "o_proj": 0.55, "up_proj": 0.65, "down_proj": 0.65}
@@ -34,6 +35,10 @@ class CELoRAConfig:
     error_budget: target relative dX error per layer for ``"auto"`` keeps.
     head_keep: fraction of vocabulary rows kept in the LM head's backward (None: the
         head's dX stays exact). See celora_dist/head.py.
+    svd: how the start-up split W0 = B0 A0 + Ws finds its top-r0 subspace: ``"randomized"``
+        (the default: range finder with ``svd_oversample`` extra columns and ``svd_niter``
+        power iterations, seeded by the weight's bytes) or ``"exact"`` (torch.linalg.svd).
+        The default was chosen from measurements (docs/design.md §1, BENCHMARKS.md).
     """
 
     r: int = 14
@@ -48,6 +53,9 @@ class CELoRAConfig:
     sync_indices: bool = True
     error_budget: float = 0.3
     head_keep: float | None = None
+    svd: str = "randomized"
+    svd_oversample: int = 16
+    svd_niter: int = 4
 
     def __post_init__(self) -> None:
         self.exact = tuple(self.exact)
@@ -87,6 +95,7 @@ class CELoRAConfig:
             raise ValueError(f"CELoRAConfig.error_budget must be in [0, 1), got {self.error_budget!r}")
         if self.head_keep is not None and not is_fraction(self.head_keep):
             raise ValueError(f"CELoRAConfig.head_keep must be None or a fraction in (0, 1], got {self.head_keep!r}")
+        check_svd(self.svd, self.svd_oversample, self.svd_niter, "CELoRAConfig.")
         both = sorted(set(self.keep) & set(self.exact))
         if both:
             raise ValueError(f"CELoRAConfig: modules {both} are listed in both keep and exact")
@@ -102,6 +111,11 @@ class CELoRAConfig:
     @property
     def target_modules(self) -> list[str]:
         return list(self.exact) + list(self.keep)
+
+    @property
+    def svd_method(self) -> "SVDMethod":
+        """The split's SVD settings as the one object factors.py and the cache key read."""
+        return SVDMethod(self.svd, self.svd_oversample, self.svd_niter)
 
     def keep_for(self, module_name: str) -> float | str | None:
         """Keep ratio (or "auto") for a module path, 1.0 for exact modules, None if not targeted."""
@@ -121,7 +135,8 @@ class CELoRAConfig:
             raise ValueError(f"CELoRAConfig: {module_name!r} is not a target module ({self.target_modules})")
         return dict(r=self.r, alpha=self.alpha, rslora=self.rslora, r0=self.r0, keep=keep, dropout=self.dropout,
                     refresh_every=self.refresh_every, score=self.score, sync_indices=self.sync_indices,
-                    error_budget=self.error_budget, name=module_name)
+                    error_budget=self.error_budget, name=module_name,
+                    svd=self.svd_method)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -140,6 +155,44 @@ class CELoRAConfig:
 def is_fraction(value: Any) -> bool:
     """The rule for every keep ratio (layers and LM head): a real number in (0, 1] (NaN fails)."""
     return isinstance(value, (int, float)) and 0.0 < value <= 1.0
+
+
+def check_svd(method: Any, oversample: Any, niter: Any, prefix: str = "") -> None:
+    """The rule for the split's SVD settings; raises ValueError naming the bad field
+    (``prefix`` + svd / svd_oversample / svd_niter)."""
+    if method not in SVD_METHODS:
+        raise ValueError(f"{prefix}svd must be one of {SVD_METHODS}, got {method!r}")
+    for name, value in (("svd_oversample", oversample), ("svd_niter", niter)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{prefix}{name} must be a non-negative integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SVDMethod:
+    """How the split's top-r0 subspace is found.
+
+    ``"exact"`` (a bare CELoRALinear's default): ``torch.linalg.svd``, oversample/niter
+    ignored. ``"randomized"`` (CELoRAConfig's default, so inject_celora's and the trainer's): a
+    Gaussian test matrix of r0 + ``oversample`` columns, ``niter`` power (subspace)
+    iterations, then an exact SVD of the small projected matrix (Halko, Martinsson &
+    Tropp 2011, Alg. 4.4 + 5.1).
+    """
+
+    method: str = "exact"
+    oversample: int = 16
+    niter: int = 4
+
+    def __post_init__(self) -> None:
+        check_svd(self.method, self.oversample, self.niter, "SVDMethod: ")
+
+    @property
+    def key(self) -> str:
+        """The part of a factor-cache key that names the method: exact and randomized
+        (or two randomized settings) never share an entry."""
+        return "exact" if self.method == "exact" else f"rand_p{self.oversample}_q{self.niter}"
+
+
+EXACT = SVDMethod()
 
 
 def is_error_budget(value: Any) -> bool:

@@ -5,13 +5,14 @@ which dominates start-up (seconds to minutes per matrix on CPU, docs/design.md �
 torch.distributed running, layer i is factorised only by rank i mod N and its small
 results (B0, A0, ‖Ws[i, :]‖²) are broadcast, so every rank holds the owner's factors,
 bit for bit, and the world does each SVD once. With a cache folder the owner first looks
-the layer up by a fingerprint of the weight's bytes, its shape, dtype and r0: a hit is
-reused (bit-identical, so a resumed run continues exactly), anything else is a miss and
-is recomputed and stored — a changed weight, r0 or dtype never reuses stale factors.
+the layer up by a fingerprint of the weight's bytes, its shape, dtype, r0 and the SVD
+method with its parameters: a hit is reused (bit-identical, so a resumed run continues
+exactly), anything else is a miss and is recomputed and stored — a changed weight, r0,
+dtype or method never reuses stale factors (an exact split is never served to a
+randomized run, nor the reverse).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import tempfile
@@ -21,7 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .factors import double_lora_factors
+from .config import EXACT, SVDMethod
+from .factors import double_lora_factors, seed_of, weight_digest
 from .zero import gathered, is_partitioned
 
 
@@ -32,12 +34,12 @@ def user_cache_dir() -> Path:
 CACHE_VERSION = 1  # bump when the factorisation's output changes
 
 
-def fingerprint(weight: Tensor, r0: int) -> str:
-    """A cache key: blake2b of the weight's bytes plus its shape, dtype, r0 and the format version."""
-    w = weight.detach().to("cpu").contiguous()
-    digest = hashlib.blake2b(w.view(torch.uint8).reshape(-1).numpy().tobytes(), digest_size=20).hexdigest()
-    dtype = str(w.dtype).removeprefix("torch.")
-    return f"{digest}-{'x'.join(map(str, w.shape))}-{dtype}-r0_{r0}-v{CACHE_VERSION}"
+def fingerprint(weight: Tensor, r0: int, svd: SVDMethod = EXACT, digest: str | None = None) -> str:
+    """A cache key: blake2b of the weight's bytes plus its shape, dtype, r0, the SVD method
+    (with oversample/niter when randomized) and the format version."""
+    digest = digest or weight_digest(weight)
+    dtype = str(weight.dtype).removeprefix("torch.")
+    return f"{digest}-{'x'.join(map(str, weight.shape))}-{dtype}-r0_{r0}-{svd.key}-v{CACHE_VERSION}"
 
 
 def _load(path: Path) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -65,14 +67,17 @@ def _store(path: Path, B0: Tensor, A0: Tensor, ws_row_sq: Tensor) -> None:
         raise
 
 
-def _factorise(weight: Tensor, r0: int, cache: Path | None) -> tuple[tuple[Tensor, Tensor, Tensor], bool]:
-    """(factors, whether they came from the cache) for one weight."""
-    path = cache / f"{fingerprint(weight, r0)}.safetensors" if cache is not None else None
+def _factorise(weight: Tensor, r0: int, cache: Path | None, svd: SVDMethod
+               ) -> tuple[tuple[Tensor, Tensor, Tensor], bool]:
+    """(factors, whether they came from the cache) for one weight. The weight is hashed at
+    most once: the digest is both the cache key and the randomized SVD's seed."""
+    digest = weight_digest(weight) if cache is not None or svd.method != "exact" else None
+    path = cache / f"{fingerprint(weight, r0, svd, digest)}.safetensors" if cache is not None else None
     if path is not None and path.is_file():
         hit = _load(path)
         if hit is not None:
             return tuple(t.to(weight.device) for t in hit), True
-    result = double_lora_factors(weight, r0, weight.dtype)
+    result = double_lora_factors(weight, r0, weight.dtype, svd=svd, seed=seed_of(digest) if digest else None)
     if path is not None:
         _store(path, *result)
     return result, False
@@ -87,13 +92,14 @@ def _comm_device(weight: Tensor, group: Any) -> torch.device:
 
 
 def plan_factors(layers: list[tuple[str, nn.Linear]], r0: int, group: Any = None,
-                 cache_dir: str | os.PathLike | None = None, verbose: bool = True, local: bool = False
-                 ) -> tuple[dict[str, tuple[Tensor, Tensor, Tensor]], dict[str, int]]:
+                 cache_dir: str | os.PathLike | None = None, verbose: bool = True, local: bool = False,
+                 svd: SVDMethod = EXACT) -> tuple[dict[str, tuple[Tensor, Tensor, Tensor]], dict[str, int]]:
     """SVD factors for every (name, linear) in ``layers``, each computed (or read from the cache)
     by ONE rank of ``group`` and broadcast; the same list, in the same order, on every rank.
 
     Returns ({name: (B0, A0, ws_row_sq)}, counts {"computed": this rank's SVDs, "cached": this
-    rank's cache hits, "ranks": ranks sharing the work}). Without torch.distributed (or a
+    rank's cache hits, "ranks": ranks sharing the work}). ``svd`` chooses the exact or the
+    randomized split (``factors.SVDMethod``). Without torch.distributed (or a
     world of one), or with ``local``, this process does them all.
     """
     import torch.distributed as dist
@@ -115,7 +121,7 @@ def plan_factors(layers: list[tuple[str, nn.Linear]], r0: int, group: Any = None
     bar = tqdm(mine.items(), desc=f"CE-LoRA: SVD of frozen weights (rank {rank}: {len(mine)} of {len(layers)})",
                unit="layer", file=sys.stderr, disable=not verbose or len(mine) < 8, leave=False)
     for name, w in bar:
-        out[name], hit = _factorise(w, r0, cache)
+        out[name], hit = _factorise(w, r0, cache, svd)
         counts["cached" if hit else "computed"] += 1
     if distributed:
         for i, (name, linear) in enumerate(layers):

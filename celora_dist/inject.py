@@ -45,7 +45,8 @@ def _split_factors(linears: dict[str, nn.Linear], cfg: CELoRAConfig, group, fact
     approximate = [(n, lin) for n, lin in linears.items() if needs_factors(cfg.keep_for(n), lin.out_features)]
     for name, linear in approximate:  # before any SVD: a bad r0 costs nothing
         check_r0(cfg.r0, linear.out_features, linear.in_features, name)
-    return plan_factors(approximate, cfg.r0, group, factor_cache, verbose, local=not distribute)
+    return plan_factors(approximate, cfg.r0, group, factor_cache, verbose, local=not distribute,
+                        svd=cfg.svd_method)
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -13,14 +13,14 @@ The dX itself is one call of the op contract ``grad_input(G, W0, I, left, right)
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import AUTO, SCORE_MODES, is_fraction, lora_scaling, num_kept
+from .config import AUTO, EXACT, SCORE_MODES, SVDMethod, is_fraction, lora_scaling, num_kept
 from .factors import check_r0, double_lora_factors
 from .kernels import grad_input, gradient_scores
 from .scheduled import UNDRIVEN_BACKWARDS, ScheduledModule, warn_undriven
@@ -43,6 +43,7 @@ class LayerOptions:
     sync_indices: bool = True
     error_budget: float = 0.3
     name: str = ""
+    svd: SVDMethod = EXACT
 
     def __post_init__(self) -> None:
         where = self.name or "layer"
@@ -56,8 +57,9 @@ class LayerOptions:
             raise ValueError(f"score must be one of {SCORE_MODES}, got {self.score!r}")
 
     def kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of :class:`CELoRALinear` that rebuild these options."""
-        return asdict(self)
+        """The keyword arguments of :class:`CELoRALinear` that rebuild these options (shallow:
+        ``svd`` stays an SVDMethod, which ``asdict`` would turn into a dict)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def needs_factors(keep: float | str, m: int) -> bool:
@@ -177,7 +179,8 @@ class CELoRALinear(ScheduledModule, nn.Module):
 
     ``factors`` (B0, A0, ‖Ws[i, :]‖²) and ``lora_weights`` (A, B) skip the SVD and the
     random LoRA initialisation: the tensor-parallel layers build their shards through
-    this same constructor with them.
+    this same constructor with them. Without ``factors``, ``svd`` says how the layer's
+    own split is computed (exact or randomized, ``config.SVDMethod``).
     """
 
     def __init__(
@@ -194,6 +197,7 @@ class CELoRALinear(ScheduledModule, nn.Module):
         sync_indices: bool = True,
         error_budget: float = 0.3,
         name: str = "",
+        svd: SVDMethod = EXACT,
         *,
         factors: tuple[Tensor, Tensor, Tensor] | None = None,
         lora_weights: tuple[Tensor, Tensor] | None = None,
@@ -202,7 +206,7 @@ class CELoRALinear(ScheduledModule, nn.Module):
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"CELoRALinear wraps nn.Linear, got {type(base_layer).__name__} at {name!r}")
         opts = LayerOptions(r, alpha, rslora, r0, keep, dropout, refresh_every, score, sync_indices,
-                            error_budget, name)
+                            error_budget, name, svd)
         m, n = base_layer.out_features, base_layer.in_features
         self.options = opts
         self.name = name
@@ -254,7 +258,7 @@ class CELoRALinear(ScheduledModule, nn.Module):
         if factors is None:
             check_r0(self.r0, self.out_features, self.in_features, self.name)
             with gathered([weight]):
-                factors = double_lora_factors(weight, self.r0, weight.dtype)
+                factors = double_lora_factors(weight, self.r0, weight.dtype, svd=self.options.svd)
         B0, A0, ws_row_sq = factors
         self.B0 = nn.Parameter(B0, requires_grad=False)
         self.A0 = nn.Parameter(A0, requires_grad=False)

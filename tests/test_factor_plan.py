@@ -7,6 +7,7 @@ import torch
 
 from celora_dist import CELoRAConfig, inject_celora
 from celora_dist import factor_plan
+from celora_dist.config import SVDMethod
 from celora_dist.layer import celora_layers
 
 from .conftest import tiny_llama
@@ -25,9 +26,9 @@ def _counting(monkeypatch) -> list[str]:
     calls: list[str] = []
     real = factor_plan.double_lora_factors
 
-    def counted(weight, r0, dtype):
+    def counted(weight, r0, dtype, **kw):
         calls.append(tuple(weight.shape))
-        return real(weight, r0, dtype)
+        return real(weight, r0, dtype, **kw)
 
     monkeypatch.setattr(factor_plan, "double_lora_factors", counted)
     return calls
@@ -41,7 +42,7 @@ def _split_worker(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     calls = []
     real = fp.double_lora_factors
-    fp.double_lora_factors = lambda w, r0, dtype: calls.append(tuple(w.shape)) or real(w, r0, dtype)
+    fp.double_lora_factors = lambda w, r0, dtype, **kw: calls.append(tuple(w.shape)) or real(w, r0, dtype, **kw)
     model = inject_celora(tiny_llama(), CELoRAConfig(**CFG), verbose=False)  # the world shares the SVDs
     torch.save({"factors": _factors(model), "calls": calls, "summary": model.celora_summary},
                f"{out_dir}/rank{rank}.pt")
@@ -91,6 +92,30 @@ def test_cache_misses_on_a_changed_weight_r0_or_dtype(tmp_path, monkeypatch):
     calls.clear()
     inject_celora(tiny_llama().to(torch.bfloat16), CELoRAConfig(**CFG), verbose=False, factor_cache=tmp_path)
     assert len(calls) == 8  # another dtype: every layer misses
+
+
+def test_cache_never_serves_one_svd_method_for_another(tmp_path, monkeypatch):
+    calls = _counting(monkeypatch)
+    exact_cfg = CELoRAConfig(**CFG, svd="exact")
+    exact = _factors(inject_celora(tiny_llama(), exact_cfg, verbose=False, factor_cache=tmp_path))
+    calls.clear()
+    rand_cfg = CELoRAConfig(**CFG, svd="randomized", svd_oversample=4, svd_niter=1)
+    rand = _factors(inject_celora(tiny_llama(), rand_cfg, verbose=False, factor_cache=tmp_path))
+    assert len(calls) == 8  # randomized: every layer misses the exact entries
+    assert any(not torch.equal(rand[n][0], exact[n][0]) for n in exact)  # and really is another split
+    calls.clear()
+    again = _factors(inject_celora(tiny_llama(), rand_cfg, verbose=False, factor_cache=tmp_path))
+    assert calls == [] and all(torch.equal(x, y) for n in rand for x, y in zip(rand[n], again[n]))
+    inject_celora(tiny_llama(), CELoRAConfig(**CFG, svd="randomized", svd_oversample=4, svd_niter=2),
+                  verbose=False, factor_cache=tmp_path)
+    assert len(calls) == 8  # other power iterations: another key
+    calls.clear()
+    inject_celora(tiny_llama(), exact_cfg, verbose=False, factor_cache=tmp_path)
+    assert calls == []  # the exact entries are still there, untouched
+    keys = {p.name.split("-")[-2] for p in tmp_path.glob("*.safetensors")}
+    assert keys == {"exact", "rand_p4_q1", "rand_p4_q2"}
+    assert factor_plan.fingerprint(torch.ones(3, 2), 1) != factor_plan.fingerprint(
+        torch.ones(3, 2), 1, SVDMethod("randomized"))
 
 
 def test_an_unreadable_cache_file_is_recomputed(tmp_path, monkeypatch):

@@ -26,8 +26,8 @@ import torch
 from safetensors.torch import load_file
 
 from .test_train_single import _load_train_module, clean_env  # noqa: F401 (a fixture)
-from .train_utils import (CRASH_AT_SAVE, TINY_FLAGS, assert_losses_match, assert_same_adapter, free_port,
-                          read_metrics, run_train, show, train_losses)
+from .train_utils import (CRASH_AT_SAVE, TINY_FLAGS, assert_close_factors, assert_losses_match, assert_same_adapter,
+                          dumped_factors, free_port, one_process_factors, read_metrics, run_train, show, train_losses)
 
 TWO_RANK = ["--micro-batch", "4", "--max-steps", "20", "--refresh-every", "4", "--dump-celora-state"]
 
@@ -128,6 +128,20 @@ def test_zero3_synced_indices_identical_and_match_single_process(zero3_sync, sin
     # --eval-mode generate under ZeRO-3: synced generate calls on both ranks, counts summed
     final = [r for r in read_metrics(out) if r.get("eval") == "final"][-1]
     assert final["gen_examples"] == final["eval_examples"] and 0.0 <= final["gen_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("run", ["zero2_nosync", "zero3_sync"])
+def test_ranks_train_with_one_factorisation_equal_to_a_single_process(assets, run, request):
+    """The SVD split is computed once per layer across the 2 ranks and broadcast
+    (celora_dist/factor_plan.py): both ranks hold the same factors bit for bit — under ZeRO-3
+    as gathered from their partitions — and they are the factors one process computes alone."""
+    out = request.getfixturevalue(run)[0]
+    ref = one_process_factors(assets["model"])
+    a, b = dumped_factors(out, 0), dumped_factors(out, 1)
+    assert a.keys() == b.keys() == ref.keys() and len(ref) == 8
+    for name, want in ref.items():
+        assert all(torch.equal(x, y) for x, y in zip(a[name], b[name])), name
+        assert_close_factors(a[name], want, name)
 
 
 def test_run_leaves_no_deepspeed_shared_memory_behind(zero3_sync):

@@ -24,7 +24,8 @@ import torch
 from safetensors.torch import load_file
 
 from .test_train_single import _load_train_module, clean_env  # noqa: F401 (a fixture)
-from .train_utils import TINY_FLAGS, assert_losses_match, assert_same_adapter, read_metrics, run_train, show, train_losses
+from .train_utils import (TINY_FLAGS, assert_close_factors, assert_losses_match, assert_same_adapter, dumped_factors,
+                          one_process_factors, read_metrics, run_train, show, train_losses)
 
 # micro-batch 8 on each rank of one TP pair = the single-process fixtures' batches (DP=1).
 TP_RUN = ["--micro-batch", "8", "--max-steps", "20", "--refresh-every", "4", "--save-every", "10",
@@ -91,6 +92,26 @@ def _merged_reference(model_dir, adapter_dir):
             merged += 1
     assert merged == 14  # 7 targets x 2 blocks: full (gathered) shapes for every layer
     return model
+
+
+def test_tp_shards_are_one_factorisation_equal_to_a_single_process(assets, tp_celora):
+    """Under TP=2 every rank holds its shard of the FULL W0's split (computed once across the
+    world, then sharded): column-parallel layers' B0 rows and ‖Ws[i, :]‖² stack into the
+    one-process factors and A0 is shared; row-parallel layers share B0 and the (TP-summed)
+    ‖Ws[i, :]‖², and their A0 columns stack."""
+    out = tp_celora[0]
+    ref = one_process_factors(assets["model"])
+    a, b = dumped_factors(out, 0), dumped_factors(out, 1)
+    assert a.keys() == b.keys() == ref.keys() and len(ref) == 8
+    for name, (B0, A0, ws) in ref.items():
+        (B0a, A0a, wsa), (B0b, A0b, wsb) = a[name], b[name]
+        if name.endswith(ROW_PARALLEL):
+            assert torch.equal(B0a, B0b) and torch.equal(wsa, wsb), name
+            full = (B0a, torch.cat([A0a, A0b], dim=1), wsa)
+        else:
+            assert torch.equal(A0a, A0b), name
+            full = (torch.cat([B0a, B0b]), A0a, torch.cat([wsa, wsb]))
+        assert_close_factors(full, (B0, A0, ws), name)
 
 
 def test_tp_adapter_loads_in_peft_and_reproduces_the_tp_model(assets, tp_celora):

@@ -165,3 +165,33 @@ def assert_losses_match(straight_dir: Path, rows: list[dict], atol: float = 1e-6
     expected = {r["step"]: r["loss"] for r in read_metrics(straight_dir) if "eval" not in r}
     for r in rows:
         assert r["loss"] == pytest.approx(expected[r["step"]], rel=0, abs=atol), r["step"]
+
+
+def dumped_factors(output_dir: Path, rank: int) -> dict:
+    """{layer: (B0, A0, ‖Ws[i, :]‖²)} one rank of a --dump-celora-state run trained with."""
+    import torch
+
+    return torch.load(Path(output_dir) / "celora_state" / f"factors_rank{rank}.pt", weights_only=False)
+
+
+def one_process_factors(model_dir: Path, r0: int = 4) -> dict:
+    """The reference: the same model's factors from one process that factorises every layer
+    itself (no torch.distributed, no cache), with TINY_FLAGS' r0 and the released keeps."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from celora_dist import CELoRAConfig, inject_celora
+    from celora_dist.layer import celora_layers
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    inject_celora(model, CELoRAConfig(r=4, alpha=8, r0=r0), verbose=False, distribute=False)
+    return {name: (layer.B0.detach().clone(), layer.A0.detach().clone(), layer.ws_row_sq.clone())
+            for name, layer in celora_layers(model) if layer.B0 is not None}
+
+
+def assert_close_factors(got: tuple, want: tuple, name: str) -> None:
+    """Equal up to LAPACK threading (the trainer runs 1 thread per rank, the test process 2)."""
+    import torch
+
+    for part, g, w in zip(("B0", "A0", "ws_row_sq"), got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name} {part}: {m}")

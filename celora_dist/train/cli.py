@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import AUTO, RELEASED_KEEP, CELoRAConfig, is_error_budget, is_fraction
+from ..config import AUTO, RELEASED_KEEP, SVD_METHODS, CELoRAConfig, is_error_budget, is_fraction
 from .checkpoint import find_checkpoint
 # UsageError is re-exported: ``from celora_dist.train.cli import UsageError`` keeps working.
 from .embedded import cache_dir
@@ -71,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder caching the SVD splits of the frozen weights, keyed by the weights' bytes, "
                         "r0 and dtype (default: $CELORA_CACHE/factors, else ~/.cache/celora_dist/factors)")
     g.add_argument("--no-factor-cache", action="store_true", help="recompute every SVD split, store nothing")
+    g.add_argument("--svd", choices=SVD_METHODS, default=None,
+                   help="how the start-up SVD split of each approximate W0 is computed: randomized "
+                        "(range finder seeded by the weight's bytes) or exact (torch.linalg.svd); "
+                        "docs/design.md §1 (config default: randomized)")
+    g.add_argument("--svd-oversample", type=int, default=None,
+                   help="randomized split: extra test columns beyond r0 (config default 16)")
+    g.add_argument("--svd-niter", type=int, default=None,
+                   help="randomized split: power iterations (config default 4)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: 1 epoch; 30 for the embedded default)")
@@ -152,7 +160,8 @@ def celora_config_from_args(args: argparse.Namespace) -> CELoRAConfig:
     base = CELoRAConfig().to_dict()
     if args.celora_config:
         base.update(load_mapping(args.celora_config, "--celora-config"))
-    for flag, key in (("r", "r"), ("alpha", "alpha"), ("r0", "r0"), ("refresh_every", "refresh_every")):
+    for flag, key in (("r", "r"), ("alpha", "alpha"), ("r0", "r0"), ("refresh_every", "refresh_every"),
+                      ("svd", "svd"), ("svd_oversample", "svd_oversample"), ("svd_niter", "svd_niter")):
         if getattr(args, flag) is not None:
             base[key] = getattr(args, flag)
     if args.no_sync_indices:
@@ -196,10 +205,12 @@ def celora_config_from_args(args: argparse.Namespace) -> CELoRAConfig:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check the flags; fills ``args.celora`` (CELoRAConfig) and ``args.embedded``."""
     args = build_parser().parse_args(argv)
-    for flag in ("micro_batch", "grad_accum", "max_steps", "seq_len", "r", "r0", "refresh_every", "tp"):
+    may_be_zero = ("r0", "svd_oversample", "svd_niter")
+    for flag in ("micro_batch", "grad_accum", "max_steps", "seq_len", "r", "refresh_every", "tp", *may_be_zero):
         value = getattr(args, flag)
-        if value is not None and value < (0 if flag == "r0" else 1):
-            raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+        if value is not None and value < (0 if flag in may_be_zero else 1):
+            raise UsageError(f"--{flag.replace('_', '-')} must be {'non-negative' if flag in may_be_zero else 'positive'}, "
+                             f"got {value}")
     if args.max_steps is not None and args.epochs is not None:
         raise UsageError("give --max-steps or --epochs, not both")
     if args.epochs is not None and args.epochs <= 0:

@@ -43,14 +43,26 @@ def report(summary: dict[str, Any], output_dir: Path, train_time: float, is_main
 
 def dump_celora_state(model, output_dir: Path) -> Path:
     """--dump-celora-state: this rank's selected indices and step counters in
-    OUTPUT/celora_state/rank<R>.pt, for tests and inspection (a checkpoint holds them too)."""
+    OUTPUT/celora_state/rank<R>.pt (a checkpoint holds them too), and the frozen SVD factors
+    it trains with, {layer: (B0, A0, ‖Ws[i, :]‖²)}, in factors_rank<R>.pt — gathered under
+    ZeRO-3 (every rank enters each gather), a TP rank's shards as held — for tests and
+    inspection: the ranks' factors must be one factorisation."""
     import torch
     import torch.distributed as dist
 
     from .. import celora_state_dict
+    from ..layer import celora_layers
+    from ..zero import gathered
 
     dump = output_dir / "celora_state"
     dump.mkdir(parents=True, exist_ok=True)
-    path = dump / f"rank{dist.get_rank()}.pt"
+    rank = dist.get_rank()
+    path = dump / f"rank{rank}.pt"
     torch.save(celora_state_dict(model), path)
+    factors = {}
+    for name, layer in celora_layers(model):
+        if layer.B0 is not None:
+            with gathered([layer.B0, layer.A0]):
+                factors[name] = tuple(t.detach().cpu().clone() for t in (layer.B0, layer.A0, layer.ws_row_sq))
+    torch.save(factors, dump / f"factors_rank{rank}.pt")
     return path
