@@ -68,3 +68,20 @@ def test_generate_eval_matches_independent_greedy_decoding(assets):
     assert got == {"gen_accuracy": 1.0, "gen_examples": len(records)}
     wrong = [{**r, "answer": "zzz qqq"} for r in records]
     assert generation.generate_eval(model, tok, wrong, 128, "cpu", max_new_tokens=4)["gen_accuracy"] == 0.0
+
+
+def test_evaluations_report_progress_per_example(assets):
+    """The watchdog (--dist-timeout) hears from a long evaluation after every example, so a big
+    held-out set on a slow machine is not mistaken for a hung rank."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from celora_dist.train import evaluate
+    from celora_dist.train.data import read_records
+
+    tok = AutoTokenizer.from_pretrained(assets["model"])
+    model = AutoModelForCausalLM.from_pretrained(assets["model"])
+    records = read_records(assets["mc"], "letter")[:5]
+    calls = []
+    evaluate.evaluate(model, tok, records, 64, "cpu", progress=lambda: calls.append("score"))
+    generation.generate_eval(model, tok, records, 64, "cpu", max_new_tokens=2, progress=lambda: calls.append("gen"))
+    assert calls == ["score"] * 5 + ["gen"] * 5

@@ -13,6 +13,7 @@ full-vocabulary log-softmax over every prompt position was the rest of the waste
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -86,7 +87,8 @@ def _score_example(model, tokenizer, record: dict, seq_len: int, device,
     return pred, float(-scores[gold]), len(cids[gold])
 
 
-def evaluate(model, tokenizer, records: list[dict], seq_len: int, device, group=None) -> dict[str, float]:
+def evaluate(model, tokenizer, records: list[dict], seq_len: int, device, group=None,
+             progress: Callable[[], None] | None = None) -> dict[str, float]:
     """Accuracy (multiple-choice records), mean answer-token loss over ``records``, and
     ``majority_rate``: the accuracy of always picking the most frequent gold choice.
 
@@ -96,6 +98,7 @@ def evaluate(model, tokenizer, records: list[dict], seq_len: int, device, group=
     """
     rank, world = (dist.get_rank(group), dist.get_world_size(group)) if dist.is_initialized() else (0, 1)
     per_rank = math.ceil(len(records) / world)
+    progress = progress or (lambda: None)  # called per example: a long evaluation is progress too
     mine = [records[i] if i < len(records) else None for i in range(rank * per_rank, (rank + 1) * per_rank)]
     was_training = model.training
     model.eval()
@@ -106,6 +109,7 @@ def evaluate(model, tokenizer, records: list[dict], seq_len: int, device, group=
     try:
         for rec in mine:
             pred, loss, n = _score_example(model, tokenizer, rec or records[0], seq_len, device, choice_forward)
+            progress()
             if rec is None:  # padding: keep the collective forwards in step, count nothing
                 continue
             nll += loss

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -95,7 +95,7 @@ def generate_answer(model, tokenizer, prompt: str, seq_len: int, max_new_tokens:
 
 
 def generate_eval(model, tokenizer, records: list[dict], seq_len: int, device, max_new_tokens: int,
-                  group=None, synced: bool = False) -> dict[str, Any]:
+                  group=None, synced: bool = False, progress: Callable[[], None] | None = None) -> dict[str, Any]:
     """Exact-match accuracy of greedy generations over the prompt/answer records of ``records``
     (chat records are skipped: their gold is a whole assistant turn). ``synced``: ZeRO-3."""
     scored = [r for r in records if "messages" not in r]
@@ -110,6 +110,8 @@ def generate_eval(model, tokenizer, records: list[dict], seq_len: int, device, m
             if rec is None:
                 break
             text = generate_answer(model, tokenizer, rec["prompt"], seq_len, max_new_tokens, device, synced)
+            if progress is not None:
+                progress()
             if i < len(scored):  # padding keeps the ranks' generate calls in step, counts nothing
                 counted += 1
                 correct += is_correct(text, rec["answer"])

@@ -82,11 +82,12 @@ class Run:
         self.watchdog.beat()
         t = time.perf_counter()
         result = evaluate.evaluate(self.engine.module, self.tokenizer, self.job.eval_records, self.args.seq_len,
-                                   self.engine.device, group=self.dp_group)
+                                   self.engine.device, group=self.dp_group, progress=self.watchdog.beat)
         if self.args.eval_mode == "generate":
             result.update(generation.generate_eval(self.engine.module, self.tokenizer, self.job.eval_records,
                                                    self.args.seq_len, self.engine.device, self.args.max_new_tokens,
-                                                   group=self.dp_group, synced=self.job.zero_stage == 3))
+                                                   group=self.dp_group, synced=self.job.zero_stage == 3,
+                                                   progress=self.watchdog.beat))
         result["eval_time_s"] = round(time.perf_counter() - t, 2)
         self.metrics.write({"step": step, "eval": label, **result})
         acc = f", accuracy {result['accuracy']:.4f}" if "accuracy" in result else ""
@@ -197,7 +198,7 @@ class Watchdog:
     The process group's own timeout covers most collectives, but not all: measured here, a
     gloo all-reduce inside DeepSpeed's ZeRO-2 gradient reduction waited > 90 s with a 10 s
     timeout while its peer was SIGSTOPped. The loop beats after every optimizer step,
-    checkpoint and evaluation; a rank stuck past the timeout prints why and exits 1 from this
+    checkpoint and evaluated example; a rank stuck past the timeout prints why and exits 1 from this
     thread (the main thread is blocked inside C++ and cannot be interrupted), so the
     launcher (DeepSpeed, srun --kill-on-bad-exit, mpirun) ends the job. The timeout must
     exceed one optimizer step with its checkpoint or evaluation.
