@@ -2,7 +2,7 @@
 
 Every approximate layer needs the SVD split of its W0 (``factors.double_lora_factors``),
 which dominates start-up (seconds to minutes per matrix on CPU, docs/design.md §1). With
-torch.distributed running, layer i is factorised only by rank i mod N and its small
+torch.distributed running, each layer is factorised by ONE rank (:func:`owners`: cost-balanced) and its small
 results (B0, A0, ‖Ws[i, :]‖²) are broadcast, so every rank holds the owner's factors,
 bit for bit, and the world does each SVD once. With a cache folder the owner first looks
 the layer up by a fingerprint of the weight's bytes, its shape, dtype, r0 and the SVD
@@ -31,7 +31,7 @@ def user_cache_dir() -> Path:
     """celora_dist's cache root: $CELORA_CACHE, else ~/.cache/celora_dist (factors live in its factors/)."""
     return Path(os.environ.get("CELORA_CACHE", Path.home() / ".cache" / "celora_dist"))
 
-CACHE_VERSION = 1  # bump when the factorisation's output changes
+CACHE_VERSION = 2  # bump when the factorisation's output changes (2: exact SVD of wide W0 via W0ᵀ)
 
 
 def fingerprint(weight: Tensor, r0: int, svd: SVDMethod = EXACT, digest: str | None = None) -> str:
@@ -91,6 +91,22 @@ def _comm_device(weight: Tensor, group: Any) -> torch.device:
     return weight.device
 
 
+def owners(shapes: list[tuple[int, int]], world: int) -> list[int]:
+    """The rank that factorises each (m, n) weight: largest first to the least-loaded rank, load
+    measured as the SVD's m·n·min(m, n). Deterministic, so every rank derives the same plan.
+
+    Round-robin (layer i to rank i mod N) hands a LLaMA block's v, o, up, down cycle to two
+    ranks as v + up and o + down: 1.23x apart by this cost (more before wide matrices were
+    factorised through their transpose, ``factors.top_singular``)."""
+    load = [0] * world
+    owner = [0] * len(shapes)
+    for i in sorted(range(len(shapes)), key=lambda j: (-shapes[j][0] * shapes[j][1] * min(shapes[j]), j)):
+        rank = min(range(world), key=lambda r: (load[r], r))
+        owner[i] = rank
+        load[rank] += shapes[i][0] * shapes[i][1] * min(shapes[i])
+    return owner
+
+
 def plan_factors(layers: list[tuple[str, nn.Linear]], r0: int, group: Any = None,
                  cache_dir: str | os.PathLike | None = None, verbose: bool = True, local: bool = False,
                  svd: SVDMethod = EXACT) -> tuple[dict[str, tuple[Tensor, Tensor, Tensor]], dict[str, int]]:
@@ -108,10 +124,11 @@ def plan_factors(layers: list[tuple[str, nn.Linear]], r0: int, group: Any = None
                    and dist.get_world_size(group) > 1)
     world, rank = (dist.get_world_size(group), dist.get_rank(group)) if distributed else (1, 0)
     cache = Path(cache_dir) if cache_dir is not None else None
+    owner = owners([(lin.out_features, lin.in_features) for _, lin in layers], world)
     mine: dict[str, Tensor] = {}
     for i, (name, linear) in enumerate(layers):  # gathers are collective under ZeRO-3: every rank enters
         with gathered([linear.weight]):
-            if i % world == rank:
+            if owner[i] == rank:
                 w = linear.weight.detach()
                 mine[name] = w.clone() if is_partitioned([linear.weight]) else w  # outlive the gather
     counts = {"computed": 0, "cached": 0, "ranks": world}
@@ -125,16 +142,15 @@ def plan_factors(layers: list[tuple[str, nn.Linear]], r0: int, group: Any = None
         counts["cached" if hit else "computed"] += 1
     if distributed:
         for i, (name, linear) in enumerate(layers):
-            owner = i % world
             m, n = linear.out_features, linear.in_features
             device = _comm_device(linear.weight, group)
-            if owner == rank:
+            if owner[i] == rank:
                 parts = [t.to(device) for t in out[name]]
             else:
                 dtype = linear.weight.dtype
                 parts = [torch.empty(m, r0, dtype=dtype, device=device), torch.empty(r0, n, dtype=dtype, device=device),
                          torch.empty(m, dtype=torch.float32, device=device)]
-            src = dist.get_global_rank(group, owner) if group is not None else owner
+            src = dist.get_global_rank(group, owner[i]) if group is not None else owner[i]
             for t in parts:
                 if t.numel():  # r0 = 0: empty factors
                     dist.broadcast(t, src=src, group=group)

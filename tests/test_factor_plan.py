@@ -126,3 +126,20 @@ def test_an_unreadable_cache_file_is_recomputed(tmp_path, monkeypatch):
     calls.clear()
     inject_celora(tiny_llama(), CELoRAConfig(**CFG), verbose=False, factor_cache=tmp_path)
     assert len(calls) == 1 and victim.stat().st_size > 100  # recomputed and rewritten
+
+
+def test_owners_balance_the_svd_cost_deterministically():
+    """LLaMA-3.2-1B blocks (v, o, up, down) at N ranks: every layer has one owner, and the loads
+    differ by less than the largest single SVD (round-robin: one rank o + down, 1.23x the other)."""
+    from celora_dist.factor_plan import owners
+
+    block = [(512, 2048), (2048, 2048), (8192, 2048), (2048, 8192)]
+    shapes = block * 16
+    cost = [m * n * min(m, n) for m, n in shapes]
+    for world in (1, 2, 3, 8):
+        owner = owners(shapes, world)
+        assert owner == owners(shapes, world) and set(owner) <= set(range(world))
+        loads = [sum(c for c, o in zip(cost, owner) if o == r) for r in range(world)]
+        assert max(loads) - min(loads) <= max(cost), (world, loads)
+    round_robin = [sum(c for i, c in enumerate(cost) if i % 2 == r) for r in range(2)]
+    assert max(round_robin) > 1.2 * min(round_robin)  # what the balanced plan replaces

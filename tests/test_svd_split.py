@@ -117,3 +117,13 @@ def test_study_measures_what_it_says_on_a_small_matrix():
     rows = bench.aggregate("w", [out, out])
     assert [r["method"] for r in rows] == list(bench.METHODS) and rows[0]["x_exact"] == 1
     assert rows[2]["x_exact"] == pytest.approx(out["exact"]["ms"] / out["p0 q0"]["ms"])
+
+
+def test_exact_split_of_a_wide_weight_through_its_transpose():
+    """Wide W0 (down_proj's shape) is factorised as W0ᵀ (3x faster in LAPACK); the rank-r0 part
+    B0 A0 equals the one from the SVD of W0 itself (a hand check with torch.linalg.svd)."""
+    w = decaying_weight(24, 80, seed=3)
+    B0, A0, _ = double_lora_factors(w, 6, torch.float32)
+    U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+    torch.testing.assert_close(B0 @ A0, (U[:, :6] * S[:6]) @ Vh[:6], rtol=1e-4, atol=1e-5)
+    assert B0.shape == (24, 6) and A0.shape == (6, 80)
