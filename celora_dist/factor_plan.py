@@ -98,12 +98,13 @@ def owners(shapes: list[tuple[int, int]], world: int) -> list[int]:
     Round-robin (layer i to rank i mod N) hands a LLaMA block's v, o, up, down cycle to two
     ranks as v + up and o + down: 1.23x apart by this cost (more before wide matrices were
     factorised through their transpose, ``factors.top_singular``)."""
+    cost = [m * n * min(m, n) for m, n in shapes]
     load = [0] * world
     owner = [0] * len(shapes)
-    for i in sorted(range(len(shapes)), key=lambda j: (-shapes[j][0] * shapes[j][1] * min(shapes[j]), j)):
+    for i in sorted(range(len(shapes)), key=lambda j: (-cost[j], j)):
         rank = min(range(world), key=lambda r: (load[r], r))
         owner[i] = rank
-        load[rank] += shapes[i][0] * shapes[i][1] * min(shapes[i])
+        load[rank] += cost[i]
     return owner
 
 

@@ -30,7 +30,7 @@ import torch
 from . import chat
 from .errors import UsageError
 
-IGNORE = -100
+IGNORE = chat.IGNORE  # label of a token that is not trained on (torch's cross-entropy default)
 _OPTION = re.compile(r"^\s*([A-Z])[.)]\s*(.*)$")
 
 

@@ -105,10 +105,8 @@ def generate_eval(model, tokenizer, records: list[dict], seq_len: int, device, m
     model.eval()
     correct = counted = 0
     try:
-        for i in range(rank * per_rank, (rank + 1) * per_rank):
-            rec = scored[i] if i < len(scored) else scored[0] if scored else None
-            if rec is None:
-                break
+        for i in range(rank * per_rank, (rank + 1) * per_rank):  # empty when nothing is scored
+            rec = scored[i] if i < len(scored) else scored[0]
             text = generate_answer(model, tokenizer, rec["prompt"], seq_len, max_new_tokens, device, synced)
             if progress is not None:
                 progress()
