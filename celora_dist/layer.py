@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .config import AUTO, EXACT, SCORE_MODES, SVDMethod, is_fraction, lora_scaling, num_kept
 from .factors import check_r0, double_lora_factors
-from .kernels import grad_input, gradient_scores
+from .kernels import BackendChoice, grad_input, gradient_scores, implementation
 from .scheduled import UNDRIVEN_BACKWARDS, ScheduledModule, warn_undriven
 from .selection import RelErrorMeter, complement_of, next_adaptive_k, select_indices
 from .zero import gathered
@@ -141,6 +141,10 @@ def local_backward(ctx, grad_out: Tensor):
 
     refresh = layer.refresh_due()
     approximate = need_x and layer.selected is not None and not layer.is_exact
+    backend = None  # the approximate dX backend between refreshes (docs/design.md §3, "Never slower")
+    if approximate and not refresh:
+        backend = layer._dx_backend(G, weight, lora_B, lora_A, B0, A0, ctx.fused)
+        approximate = backend != "exact"
     # the double-LoRA term joins only approximate products (absent for r0 = 0)
     B0_dropped = layer._dropped_B0(B0) if approximate and A0.shape[0] > 0 else None
     sGB, left, right = low_rank_operands(G, lora_B, lora_A, layer.scaling, B0_dropped, A0, ctx.fused)
@@ -154,7 +158,10 @@ def local_backward(ctx, grad_out: Tensor):
         if not approximate:
             dX = grad_input(G, weight, None, left, right)
         else:
-            estimate = grad_input(G, weight, layer.selected, left, right)
+            if backend is None:
+                estimate = grad_input(G, weight, layer.selected, left, right)
+            else:
+                estimate = implementation(backend)(G, weight, layer.selected, left, right)
             if refresh:  # exact step: the estimate is kept only to measure its error
                 lora = (sGB, lora_A) if ctx.fused else (None, None)
                 dX, approx = grad_input(G, weight, None, *lora), estimate
@@ -274,6 +281,7 @@ class CELoRALinear(ScheduledModule, nn.Module):
         self._refresh_backwards = 0  # backwards of this refresh step: too many = nobody drives the schedule
         self.error = RelErrorMeter()  # true dX error of the indices in use, on refresh steps
         self.k_chosen_at: int | None = None  # adaptive keep: the refresh step that chose k
+        self.dx_choice = BackendChoice()  # exact / torch / Triton, measured per k (kernels/choice.py)
 
     # -- forward ------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -289,6 +297,31 @@ class CELoRALinear(ScheduledModule, nn.Module):
     def refresh_due(self) -> bool:
         """True while the current optimizer step is a refresh step (exact backward)."""
         return not self.is_exact and self.step % self.refresh_every == 0
+
+    def _dx_backend(self, G: Tensor, weight: Tensor, lora_B: Tensor, lora_A: Tensor, B0: Tensor,
+                    A0: Tensor, fused: bool) -> str:
+        """The dX backend of an approximate step: "exact", "torch" or "triton".
+
+        On the first approximate backward with this k (under ``CELORA_KERNEL=auto``) the
+        candidates are timed on this backward's own G and weights, each as the layer would
+        run it (operands included: exact needs only G·s·B, the approximation G·[s·B | B0_Ī]);
+        this step still runs the device's default approximate backend, and the choice,
+        made from the medians summed over the DP group, applies from the next step on.
+        """
+        choice, device = self.dx_choice, G.device
+        choice.ensure_key(self.selected.numel())
+        if choice.wants_measurement(device.type):
+            B0_dropped = self._dropped_B0(B0) if A0.shape[0] > 0 else None
+
+            def run(backend: str) -> Tensor:
+                dropped = None if backend == "exact" else B0_dropped
+                _, left, right = low_rank_operands(G, lora_B, lora_A, self.scaling, dropped, A0, fused)
+                if backend == "exact":
+                    return grad_input(G, weight, None, left, right)
+                return implementation(backend)(G, weight, self.selected, left, right)
+
+            choice.measure({b: (lambda b=b: run(b)) for b in choice.candidates(device.type)}, device)
+        return choice.active(device.type)
 
     def _accumulate_scores(self, G: Tensor) -> None:
         colsq = gradient_scores(G)
@@ -325,18 +358,29 @@ class CELoRALinear(ScheduledModule, nn.Module):
         return self._pending_colsq
 
     def pending_statistics(self) -> Tensor | None:
-        if self._pending_colsq is None:
-            return None
-        sums = torch.tensor([self.error.err_sq, self.error.ref_sq], dtype=torch.float32,
-                            device=self._pending_colsq.device)
-        return torch.cat([self._pending_colsq, sums])
+        """[refresh scores | error sums] on refresh steps, then the dX backends' measured
+        medians on a measuring step (both DP-summable); None when neither is pending."""
+        parts = []
+        if self._pending_colsq is not None:
+            sums = torch.tensor([self.error.err_sq, self.error.ref_sq], dtype=torch.float32,
+                                device=self._pending_colsq.device)
+            parts += [self._pending_colsq, sums]
+        timings = self.dx_choice.pending_statistics()
+        if timings is not None:
+            parts.append(timings.to(parts[0].device) if parts else timings)
+        return torch.cat(parts) if parts else None
 
     def load_synced_statistics(self, stats: Tensor) -> None:
-        m = self._pending_colsq.numel()
-        self._pending_colsq = stats[:m]
-        self.error.err_sq, self.error.ref_sq = (float(v) for v in stats[m:m + 2])
+        if self._pending_colsq is not None:
+            m = self._pending_colsq.numel()
+            self._pending_colsq = stats[:m]
+            self.error.err_sq, self.error.ref_sq = (float(v) for v in stats[m:m + 2])
+            stats = stats[m + 2:]
+        if self.dx_choice.pending_statistics() is not None:
+            self.dx_choice.load_synced(stats)
 
     def finish_step(self) -> None:
+        self.dx_choice.decide(self.step)
         if self._pending_colsq is not None:
             ref_sq = self.error.ref_sq
             self.error.finish(self.step)
@@ -352,15 +396,17 @@ class CELoRALinear(ScheduledModule, nn.Module):
             return None
         k, m = self._full_k_and_m()
         return {"rel_error": self.error.last, "step": self.error.last_step, "k": k, "m": m,
-                "kind": "linear", "k_chosen_at": self.k_chosen_at}
+                "kind": "linear", "k_chosen_at": self.k_chosen_at, **self.dx_choice.telemetry()}
 
     def schedule_state(self) -> dict[str, Any]:
         return {"step": self.step,
-                "selected": None if self.selected is None else self.selected.detach().cpu().clone()}
+                "selected": None if self.selected is None else self.selected.detach().cpu().clone(),
+                "dx_backend": self.dx_choice.state()}
 
     def load_schedule_state(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.set_selected(state["selected"])
+        self.dx_choice.load_state(state.get("dx_backend"))  # absent in checkpoints before 2026-12-01
         self._pending_colsq = None
         self._refresh_backwards = 0
         self.error = RelErrorMeter()

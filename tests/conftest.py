@@ -4,6 +4,11 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# The suite checks the approximation's math, so it pins the approximate torch backend (the
+# trainers' subprocesses inherit it). Under the default "auto" a layer may measure that the
+# approximation does not pay on these tiny shapes and run exact; that choice has its own
+# tests (tests/test_backend_choice.py), which set "auto" themselves.
+os.environ.setdefault("CELORA_KERNEL", "torch")
 
 import pytest
 import torch

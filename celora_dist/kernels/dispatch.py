@@ -12,21 +12,34 @@ from typing import Callable
 
 from torch import Tensor
 
-from ..ops.amm import celora_grad_input as _reference_grad_input
-from ..ops.amm import gradient_scores as _reference_scores
+from ..ops import amm as _reference
 
 _VALID = ("auto", "torch", "triton")
 OPS = ("grad_input", "scores")
-_REFERENCE: dict[str, Callable] = {"grad_input": _reference_grad_input, "scores": _reference_scores}
+_REFERENCE = {"grad_input": "celora_grad_input", "scores": "gradient_scores"}  # names in ops/amm.py
 
 
 _TRITON = {"grad_input": ("amm_triton", "celora_grad_input_triton"),
            "scores": ("scores_triton", "gradient_scores_triton")}
 
 
+def _setting() -> str:
+    return os.environ.get("CELORA_KERNEL", "auto").lower()
+
+
 def kernel_backend(device_type: str, op: str = "grad_input") -> str:
-    """The backend a call of ``op`` on tensors of ``device_type`` would use: "torch" or "triton"."""
-    return _resolve(os.environ.get("CELORA_KERNEL", "auto").lower(), device_type, op)
+    """The backend a call of ``op`` on tensors of ``device_type`` would use: "torch" or "triton"
+    (under ``auto``: the device's default approximate backend, before any measurement)."""
+    return _resolve(_setting(), device_type, op)
+
+
+def measured_backends() -> bool:
+    """True under ``CELORA_KERNEL=auto``: layers choose their dX backend by measurement
+    (``kernels.choice``); "torch"/"triton" force one. Raises on an unknown setting."""
+    choice = _setting()
+    if choice not in _VALID:
+        raise ValueError(f"CELORA_KERNEL must be one of {_VALID}, got {choice!r}")
+    return choice == "auto"
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,10 +70,20 @@ def _triton_module(op: str):
         return None
 
 
+def implementation(backend: str, op: str = "grad_input") -> Callable:
+    """The function implementing ``op`` on ``backend`` ("torch" or "triton"), same contract."""
+    if backend == "triton":
+        module = _triton_module(op)
+        if module is None:
+            raise RuntimeError(f"the Triton kernel for {op} is unavailable (triton cannot be imported)")
+        return getattr(module, _TRITON[op][1])  # looked up per call: patchable
+    if backend != "torch":
+        raise ValueError(f"unknown backend {backend!r}; expected 'torch' or 'triton'")
+    return getattr(_reference, _REFERENCE[op])  # looked up per call, like the Triton one
+
+
 def _impl(op: str, device_type: str) -> Callable:
-    if kernel_backend(device_type, op) == "triton":
-        return getattr(_triton_module(op), _TRITON[op][1])  # looked up per call: patchable
-    return _REFERENCE[op]
+    return implementation(kernel_backend(device_type, op), op)
 
 
 def grad_input(grad_output: Tensor, weight: Tensor, selected: Tensor | None = None,

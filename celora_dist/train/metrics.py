@@ -49,6 +49,16 @@ def has_telemetry(record: dict[str, Any]) -> bool:
     return any(key not in STEP_FIELDS for key in record)
 
 
+def backend_summary(backends: dict[str, str]) -> str:
+    """'90 torch, 30 exact (approximation did not pay)': a record's ``dx_backend`` counted."""
+    counts: dict[str, int] = {}
+    for backend in backends.values():
+        counts[backend] = counts.get(backend, 0) + 1
+    parts = [f"{n} {b}" + (" (approximation did not pay)" if b == "exact" else "")
+             for b, n in sorted(counts.items(), key=lambda item: -item[1])]
+    return ", ".join(parts) + f" of {len(backends)} layers"
+
+
 def _float(x) -> float | None:
     """DeepSpeed's grad norm as a float (None when it has none: a tensor, float or None by stage)."""
     try:
@@ -113,7 +123,9 @@ def celora_record(model, step: int) -> dict[str, Any]:
     this step (refresh steps), the vocab-sparse LM head included (its measurement steps);
     ``head_rel_error``: the head's entry again, at the top level; ``chosen_k``: per adaptive
     (keep "auto") layer, the k picked on this refresh step for the steps that follow, with
-    ``chosen_keep`` = k / m. Empty when nothing was measured or chosen on this step.
+    ``chosen_keep`` = k / m; ``dx_backend``: per layer whose dX backend was chosen by measurement
+    on this step, "exact" (the approximation did not pay), "torch" or "triton". Empty when
+    nothing was measured or chosen on this step.
     """
     from celora_dist import telemetry
 
@@ -130,4 +142,7 @@ def celora_record(model, step: int) -> dict[str, Any]:
     if chosen:
         record["chosen_k"] = {name: k for name, (k, _) in chosen.items()}
         record["chosen_keep"] = {name: round(k / m, 4) for name, (k, m) in chosen.items()}
+    backends = {name: t["dx_backend"] for name, t in entries.items() if t.get("dx_backend_at") == step}
+    if backends:
+        record["dx_backend"] = backends
     return record

@@ -56,4 +56,7 @@ def events(record: dict[str, Any]) -> list[tuple[str, float, int]]:
     if errors:
         out.append(("CELoRA/dx_rel_error_mean", sum(errors.values()) / len(errors), step))
     out += [(f"CELoRA/chosen_keep/{name}", float(v), step) for name, v in record.get("chosen_keep", {}).items()]
+    backends = record.get("dx_backend", {})
+    if backends:  # share of the layers chosen on this step that run the approximation
+        out.append(("CELoRA/dx_approximate_share", sum(b != "exact" for b in backends.values()) / len(backends), step))
     return out

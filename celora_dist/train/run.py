@@ -18,7 +18,7 @@ from typing import Any
 from . import checkpoint, elastic, evaluate, generation, monitor, outputs
 from .engine import sync_lr_after_resume
 from .errors import StopRequested, TrainingError
-from .metrics import Metrics, has_telemetry
+from .metrics import Metrics, backend_summary, has_telemetry
 from .parallel import export_adapter
 from .prepare import Job
 
@@ -108,6 +108,8 @@ class Run:
                           or step == self.total_steps)
         if self.engine.monitor.enabled:  # --report-to / the config's tensorboard, csv_monitor, wandb
             self.engine.monitor.write_events(monitor.events(record))
+        if record.get("dx_backend"):
+            self.metrics.message(f"[step {step}] dX backend, chosen by measurement: {backend_summary(record['dx_backend'])}")
         self.check_step(step, record)
         if args.save_every and step % args.save_every == 0 and step < self.total_steps:
             self.save(step)
