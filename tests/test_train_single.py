@@ -191,7 +191,9 @@ def test_exact_mode_is_the_lora_method():
 
 def test_report_to_tensorboard_and_csv(assets, tmp_path):
     """--report-to tensorboard,csv: DeepSpeed's monitor writes loss and CE-LoRA's dX errors; the CSV
-    files and the TensorBoard event files hold the same values as metrics.jsonl."""
+    files and the TensorBoard event files hold the same values as metrics.jsonl. Run under the
+    default CELORA_KERNEL=auto: the measured dX backend choice shows in the metrics, the monitor
+    and the log."""
     import csv
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -199,9 +201,17 @@ def test_report_to_tensorboard_and_csv(assets, tmp_path):
     out = tmp_path / "out"
     proc = run_train(["--model", str(assets["model"]), "--data", str(assets["mc"]), *TINY_FLAGS, "--max-steps", "6",
                       "--refresh-every", "2", "--micro-batch", "4", "--report-to", "tensorboard,csv",
-                      "--no-final-eval", "--output-dir", str(out)])
+                      "--no-final-eval", "--output-dir", str(out)], extra_env={"CELORA_KERNEL": "auto"})
     assert proc.returncode == 0, show(proc)
     records = {r["step"]: r for r in read_metrics(out) if "eval" not in r}
+    # the first approximate step (1, after refresh 0) measured every approximate layer that runs dX
+    chosen = {s: r["dx_backend"] for s, r in records.items() if "dx_backend" in r}
+    assert list(chosen) == [1] and set(chosen[1].values()) <= {"exact", "torch"}
+    assert {n.rsplit(".", 1)[1] for n in chosen[1]} == {"v_proj", "o_proj", "up_proj", "down_proj"}
+    share = list(csv.reader(open(out / "logs" / "csv" / "CELoRA_dx_approximate_share.csv")))[1:]
+    approx = sum(b != "exact" for b in chosen[1].values()) / len(chosen[1])
+    assert [(int(s), float(v)) for s, v in share] == [(1, pytest.approx(approx))]
+    assert "dX backend, chosen by measurement:" in proc.stdout + proc.stderr
     rows = list(csv.reader(open(out / "logs" / "csv" / "Train_loss.csv")))
     assert [(int(s), float(v)) for s, v in rows[1:]] == [(s, pytest.approx(r["loss"])) for s, r in sorted(records.items())]
     mean_rows = list(csv.reader(open(out / "logs" / "csv" / "CELoRA_dx_rel_error_mean.csv")))
