@@ -17,6 +17,9 @@ steps, batch and held-out questions per seed; only the method flags differ:
   split whatever the config's default;
 - ``celora-head``: released config + ``--head-keep H`` (vocab-sparse LM-head backward);
   with several ``--head-keep`` values, one method per value (``celora-head0.05``, ...).
+- ``celora-all``: all seven projections adaptive under an error budget, one method per
+  ``--all-budgets`` value (``celora-all0.3``), and with each ``--head-keep`` value too
+  (``celora-all0.3-head0.1``): the speed/accuracy sweep of ``bench/pareto.py``.
 
 Reports accuracy mean ± std over seeds and the difference to LoRA (paired by seed: the
 same seed means the same data order), the held-out answer loss, the dX errors the runs
@@ -40,7 +43,9 @@ from pathlib import Path
 from _common import markdown_table
 from _trainer_runs import ROOT, run_trainer
 
-METHODS = ("lora", "celora", "celora-auto", "celora-head", "celora-rsvd")
+METHODS = ("lora", "celora", "celora-auto", "celora-head", "celora-rsvd", "celora-all")
+SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_AUTO = ",".join(f"{name}=auto" for name in SEVEN)
 DEFAULT_METHODS = ("lora", "celora", "celora-auto", "celora-head")
 COLUMNS = ["task", "method", "accuracy", "std", "delta_vs_lora", "delta_std", "seeds", "final_loss",
            "eval_loss", "train_s", "layer_err", "head_err", "mean_keep"]
@@ -49,6 +54,10 @@ COLUMNS = ["task", "method", "accuracy", "std", "delta_vs_lora", "delta_std", "s
 def method_flags(method: str, error_budget: float, svd: tuple[int, int] = (16, 4)) -> list[str]:
     if method.startswith("celora-head"):  # celora-head<keep>, see expand_methods
         return ["--method", "celora", "--head-keep", method[len("celora-head"):]]
+    if method.startswith("celora-all"):  # celora-all<budget>[-head<keep>]
+        budget, _, head = method[len("celora-all"):].partition("-head")
+        return (["--method", "celora", "--keep", ALL_AUTO, "--error-budget", budget]
+                + (["--head-keep", head] if head else []))
     return {
         "lora": ["--method", "lora", "--r", "16"],
         "celora": ["--method", "celora", "--svd", "exact"],
@@ -58,11 +67,18 @@ def method_flags(method: str, error_budget: float, svd: tuple[int, int] = (16, 4
     }[method]
 
 
-def expand_methods(methods: list[str], head_keeps: list[float]) -> list[str]:
-    """``celora-head`` becomes one method per head keep, named with it (celora-head0.1)."""
+def expand_methods(methods: list[str], head_keeps: list[float], all_budgets: list[float] = ()) -> list[str]:
+    """``celora-head`` becomes one method per head keep, named with it (celora-head0.1);
+    ``celora-all`` one per budget, alone and with each head keep (celora-all0.3-head0.1)."""
     out = []
     for m in methods:
-        out += [f"celora-head{h:g}" for h in head_keeps] if m == "celora-head" else [m]
+        if m == "celora-head":
+            out += [f"celora-head{h:g}" for h in head_keeps]
+        elif m == "celora-all":
+            out += [f"celora-all{b:g}{suffix}" for b in all_budgets
+                    for suffix in ["", *(f"-head{h:g}" for h in head_keeps)]]
+        else:
+            out.append(m)
     return out
 
 
@@ -223,6 +239,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "of steps)")
     p.add_argument("--error-budget", type=float, default=0.3)
     p.add_argument("--head-keep", default="0.1", help="comma list: one celora-head method per value")
+    p.add_argument("--all-budgets", default="0.3", help="comma list: the celora-all methods' error budgets")
     p.add_argument("--dist-timeout", type=float, default=None,
                    help="passed to the trainer: on a loaded machine a 300-question evaluation can outlast "
                         "its 600 s progress watchdog")
@@ -245,7 +262,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     bad = [m for m in methods if m not in METHODS]
     if bad:
         p.error(f"unknown method(s) {bad}; choose from {METHODS}")
-    methods = expand_methods(methods, parse_head_keeps(a.head_keep))
+    try:
+        budgets = [float(b) for b in a.all_budgets.split(",") if b.strip()]
+    except ValueError:
+        p.error(f"--all-budgets must be a comma list of numbers, got {a.all_budgets!r}")
+    if any(not 0.0 <= b < 1.0 for b in budgets):
+        p.error(f"--all-budgets values must lie in [0, 1), got {a.all_budgets!r}")
+    methods = expand_methods(methods, parse_head_keeps(a.head_keep), budgets)
     if a.smoke:
         a.seeds, a.steps, a.eval_samples, a.refresh_every, a.lr = 2, 3, 8, 2, 3e-3
         a.in_process = True
