@@ -5,6 +5,10 @@ linear, dense activation gradient 2mn (W0 is frozen: no weight gradient), and fo
 approximate layer 2n(k + r0 + r) + 2(m − k)r0 instead. Activation checkpointing runs
 the forward twice. The ratio dense/CE-LoRA is the ceiling on the end-to-end speed-up
 of any dX-only method; benchmarks print their measured ratio next to it.
+
+:func:`step_flops` predicts the whole step instead: it adds the work both methods pay
+alike (attention, the LoRA adapters' GEMMs, the LM head's forward) to the same counts,
+from a model's dimensions alone (:class:`ModelShape`), so it runs for 70B shapes too.
 """
 from __future__ import annotations
 
@@ -64,3 +68,165 @@ def flop_ceiling(model: nn.Module, cfg: CELoRAConfig, checkpointing: bool = Fals
             k = V if cfg.head_keep is None else num_kept(cfg.head_keep, V)
             celora += fwd_passes * fwd + 2.0 * k * d
     return Ceiling(dense, celora)
+
+
+# -- whole-step prediction ---------------------------------------------------------------
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The dimensions of a LLaMA-family decoder that the FLOP count needs (no weights).
+
+    ``ModelShape.of`` reads them from a transformers ``LlamaConfig``-like object, a model
+    with such a ``.config``, or returns a ModelShape as is.
+    """
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    head_dim: int | None = None  # None: hidden // heads
+
+    @property
+    def attn_dim(self) -> int:
+        """heads · head_dim: the width of Q (and of the attention output)."""
+        return self.heads * (self.head_dim or self.hidden // self.heads)
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * (self.head_dim or self.hidden // self.heads)
+
+    def projections(self) -> list[tuple[str, int, int]]:
+        """(name, m = out features, n = in features) of one decoder layer's seven linears."""
+        h, i, q, kv = self.hidden, self.intermediate, self.attn_dim, self.kv_dim
+        return [("q_proj", q, h), ("k_proj", kv, h), ("v_proj", kv, h), ("o_proj", h, q),
+                ("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)]
+
+    @classmethod
+    def of(cls, obj) -> "ModelShape":
+        if isinstance(obj, cls):
+            return obj
+        cfg = getattr(obj, "config", obj)
+        return cls(hidden=cfg.hidden_size, intermediate=cfg.intermediate_size, layers=cfg.num_hidden_layers,
+                   heads=cfg.num_attention_heads,
+                   kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+                   vocab=cfg.vocab_size, head_dim=getattr(cfg, "head_dim", None))
+
+
+# Published shapes (hidden, intermediate, layers, heads, kv heads, vocab).
+MODEL_SHAPES = {
+    "smollm2-135m": ModelShape(576, 1536, 30, 9, 3, 49152),
+    "llama-3.2-1b": ModelShape(2048, 8192, 16, 32, 8, 128256),
+    "llama-3-8b": ModelShape(4096, 14336, 32, 32, 8, 128256),
+    "llama-3-70b": ModelShape(8192, 28672, 80, 64, 8, 128256),
+}
+
+
+@dataclass
+class StepFlops:
+    """FLOPs per token of one training step (forward + backward, optimizer excluded).
+
+    Shared by dense-dX LoRA and CE-LoRA: ``frozen_fwd`` (the decoder's base linears,
+    each forward pass), ``attention`` (QKᵀ and AV, forward and backward), ``lora`` (the
+    adapters' forward and backward GEMMs, the (G B) A term of dX included), ``head_fwd``.
+    Different: ``dx_*`` (the base linears' G @ W0) and ``head_dx_*`` (the LM head's G @ W).
+    ``shrinkable``: the dense FLOPs of the work CE-LoRA approximates (the approximate
+    layers' G @ W0, plus the head's when it is vocab-sparse).
+    """
+
+    seq_len: int
+    checkpointing: bool
+    frozen_fwd: float
+    attention: float
+    lora: float
+    head_fwd: float
+    dx_dense: float
+    dx_celora: float
+    head_dx_dense: float
+    head_dx_celora: float
+    shrinkable: float
+
+    @property
+    def shared(self) -> float:
+        return self.frozen_fwd + self.attention + self.lora + self.head_fwd
+
+    @property
+    def dense(self) -> float:
+        return self.shared + self.dx_dense + self.head_dx_dense
+
+    @property
+    def celora(self) -> float:
+        return self.shared + self.dx_celora + self.head_dx_celora
+
+    @property
+    def ratio(self) -> float:
+        """Predicted end-to-end step speed-up of CE-LoRA over dense-dX LoRA."""
+        return self.dense / self.celora
+
+    @property
+    def linear_ratio(self) -> float:
+        """The same count restricted to the frozen linears and the head (attention and
+        adapters left out): the linear-only ceiling that ``ratio`` cannot exceed."""
+        fixed = self.frozen_fwd + self.head_fwd
+        return (fixed + self.dx_dense + self.head_dx_dense) / (fixed + self.dx_celora + self.head_dx_celora)
+
+    @property
+    def shrinkable_share(self) -> float:
+        """Share of the dense step's FLOPs that CE-LoRA's approximations apply to."""
+        return self.shrinkable / self.dense
+
+
+def step_flops(model_or_shape, cfg: CELoRAConfig, seq_len: int, checkpointing: bool = False,
+               auto_keep: float = 0.6, causal: bool = True) -> StepFlops:
+    """Predicted per-token FLOPs of a LoRA training step, dense dX vs CE-LoRA (docs/design.md §3).
+
+    Pure arithmetic from the dimensions (``ModelShape.of(model_or_shape)``: a ModelShape,
+    a ``LlamaConfig``-like config or a model with one), so 70B shapes need no weights.
+    Conventions (GEMMs only; norms, softmax, RoPE, the loss and the sparse head's O(V)
+    score pass are not counted):
+
+    * a linear's forward is 2mn per token, once, or twice with ``checkpointing`` (per
+      decoder layer, as transformers does: the embedding and LM head run once);
+    * dense dX is 2mn; an approximate layer's is 2n(k + r0) + 2(m − k)r0 (``layer_flops``
+      without the LoRA term, which both methods pay and ``lora`` counts);
+    * LoRA at rank ``cfg.r`` on every targeted linear, for both methods: forward
+      2r(m + n) per pass, backward 4r(m + n) (G B, dB, dA and (G B) A);
+    * attention per layer: forward 4·T·heads·head_dim per token (QKᵀ and AV, each
+      2·T·heads·head_dim), halved when ``causal`` (masked blocks skipped, as flash
+      kernels do); backward twice the forward (dQ, dK, dV, dP; a FlashAttention-2
+      backward's recomputation of QKᵀ is not counted); recomputed under checkpointing;
+    * LM head (frozen): forward 2Vd, dX 2Vd or 2kd with ``cfg.head_keep``, no dW.
+
+    ``auto_keep`` stands in for "auto" keeps, as in :func:`flop_ceiling`.
+    """
+    shape = ModelShape.of(model_or_shape)
+    passes = 2.0 if checkpointing else 1.0
+    frozen_fwd = lora = dx_dense = dx_celora = shrinkable = 0.0
+    for name, m, n in shape.projections():
+        keep = cfg.keep_for(name)
+        frozen_fwd += passes * 2.0 * m * n
+        dx_dense += 2.0 * m * n
+        if keep is None:  # not targeted: no adapter, dX exact for both
+            dx_celora += 2.0 * m * n
+            continue
+        keep = auto_keep if keep == AUTO else keep
+        lora += (passes * 2.0 + 4.0) * cfg.r * (m + n)
+        if keep == 1.0:
+            dx_celora += 2.0 * m * n
+        else:
+            dx_celora += layer_flops(m, n, keep, cfg.r0, cfg.r)[1] - 2.0 * n * cfg.r
+            shrinkable += 2.0 * m * n
+    L = shape.layers
+    attn_fwd = 4.0 * seq_len * shape.attn_dim * (0.5 if causal else 1.0)
+    V, d = shape.vocab, shape.hidden
+    head_dx_dense = 2.0 * V * d
+    head_dx_celora = head_dx_dense if cfg.head_keep is None else 2.0 * num_kept(cfg.head_keep, V) * d
+    return StepFlops(
+        seq_len=seq_len, checkpointing=checkpointing,
+        frozen_fwd=L * frozen_fwd, attention=L * (passes + 2.0) * attn_fwd, lora=L * lora,
+        head_fwd=2.0 * V * d, dx_dense=L * dx_dense, dx_celora=L * dx_celora,
+        head_dx_dense=head_dx_dense, head_dx_celora=head_dx_celora,
+        shrinkable=L * shrinkable + (head_dx_dense if cfg.head_keep is not None else 0.0))
