@@ -47,6 +47,21 @@ def build_model(name: str, dtype: torch.dtype, device: str) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
 
 
+LORA_R = 16  # the PEFT baseline's rank (CE-LoRA's released r = 14 + r0 = 14 keeps its parameter budget)
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_method(base: LlamaForCausalLM, cfg: CELoRAConfig | None) -> torch.nn.Module:
+    """A deep copy of ``base`` as PEFT LoRA r=16, rsLoRA alpha 32 (``cfg`` None) or CE-LoRA with ``cfg``."""
+    model = copy.deepcopy(base)
+    if cfg is None:
+        lora = LoraConfig(r=LORA_R, lora_alpha=32, use_rslora=True, task_type="CAUSAL_LM",
+                          target_modules=LORA_TARGETS)
+        return get_peft_model(model, lora)
+    inject_celora(model, cfg, verbose=False)
+    return model
+
+
 class Runner:
     """One method's model + optimizer; step() = forward, backward, optimizer step."""
 
@@ -129,15 +144,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         methods["celora-released+head"] = CELoRAConfig(head_keep=a.head_keep)
     runners = {}
     for name, cfg in methods.items():
-        model = copy.deepcopy(base)
-        if cfg is None:
-            lora = LoraConfig(r=16, lora_alpha=32, use_rslora=True, task_type="CAUSAL_LM",
-                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                              "up_proj", "down_proj"])
-            model = get_peft_model(model, lora)
-        else:
-            inject_celora(model, cfg, verbose=False)
-        runners[name] = Runner(model, ids, a.device, a.gradient_checkpointing)
+        runners[name] = Runner(make_method(base, cfg), ids, a.device, a.gradient_checkpointing)
         runners[name].step()  # warm-up; for CE-LoRA this is the exact refresh step 0
     del base
 

@@ -1,7 +1,8 @@
-"""bench/layer_backward.py --smoke runs end to end and prints a well-formed table.
+"""bench/layer_backward.py --smoke and bench/step_profile.py (tiny model) run in-process and print well-formed tables.
 
 No timing assertions (the machine is shared); the numbers must be finite and positive,
-and the ratio columns must be the ratios of the printed times.
+the ratio columns must be the ratios of the printed times, and the profile's categories
+must add up to the step and hold the ops a step of the tiny model is known to contain.
 """
 from __future__ import annotations
 
@@ -12,13 +13,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench" / "layer_backward.py"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("layer_backward", BENCH)
+def _load(path: Path = BENCH):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -75,3 +80,39 @@ def test_bench_smoke_triton_columns_under_interpreter():
     # printed to 2 decimals make that comparison meaningless here
     _check_rows(bench, rows, ["torch", "triton"], abs_=0.006, check_ratios=False)
     assert all(row["triton_err"] < 1e-5 for row in rows)  # fp32: summation order only
+
+
+def test_step_profile_smoke(capsys, monkeypatch):
+    """One profiled step per method of the tiny model at T = 32: every category filled where the
+    model has such ops, the rows summing to the step, and the op counts the model implies."""
+    monkeypatch.setenv("CELORA_KERNEL", "torch")  # main() sets it; restored after the test
+    bench = _load(ROOT / "bench" / "step_profile.py")
+    (result,) = bench.main(["--model", "tiny", "--tokens", "32", "--steps", "1"])
+    header, printed = _parse(capsys.readouterr().out)
+    assert header == bench.COLUMNS
+    assert [row["category"] for row in printed] == [*bench.CATEGORIES, bench.STEP]
+    rows = {row["category"]: row for row in result["rows"]}
+    step = rows[bench.STEP]
+    for m in bench.METHODS:
+        assert step[f"{m}_ms"] > 0
+        assert sum(rows[c][f"{m}_ms"] for c in bench.CATEGORIES) == pytest.approx(step[f"{m}_ms"], rel=1e-9)
+        for c in ("forward GEMMs", "dX GEMMs", "LoRA GEMMs", "attention", "LM head", "optimizer", "other kernels"):
+            assert rows[c][f"{m}_ms"] > 0, (m, c)
+        assert rows["overhead"][f"{m}_ms"] >= 0  # op self times lie inside the wall time
+        # 2 decoder layers x 7 targeted linears; layer 0's q/k/v read the frozen embedding: no dX
+        assert (rows["forward GEMMs"][f"{m}_calls"], rows["dX GEMMs"][f"{m}_calls"]) == (14, 11)
+        assert rows["LM head"][f"{m}_calls"] == 2  # forward and dX
+        assert result["summary"]["unmatched"][m] == []  # every matrix product has a known shape
+        assert printed[-1][f"{m}_ms"] == f"{step[f'{m}_ms']:.1f}"
+    # PEFT gathers nothing; CE-LoRA's 7 approximate layers with a dX (v of layer 1, o, up, down) each
+    # index_select G and W0 and cat [s.B | B0] and [A ; A0]
+    assert (rows["gathers"]["lora_calls"], rows["gathers"]["celora_calls"]) == (0, 28)
+    assert rows["gathers"]["lora_ms"] == 0 < rows["gathers"]["celora_ms"]
+    summary = result["summary"]
+    assert summary["speedup"] == pytest.approx(summary["lora_step_ms"] / summary["celora_step_ms"])
+    layer = {m: sum(rows[c][f"{m}_ms"] for c in bench.LAYER) for m in bench.METHODS}
+    assert summary["layer_gain"] == pytest.approx(layer["lora"] / layer["celora"])
+    assert summary["rest_delta_ms"] == pytest.approx(step["delta_ms"] - (layer["celora"] - layer["lora"]))
+    with torch.device("meta"):
+        probe = bench.build_model("tiny", torch.float32, "meta")
+    assert summary["ceiling"] == bench.flop_ceiling(probe, bench.CELoRAConfig(), include_head=True).ratio
