@@ -32,13 +32,17 @@ import statistics
 import time
 from pathlib import Path
 
+import sys
+
 import torch
-from _common import iqr, machine_line, markdown_table
-from accuracy import ALL_AUTO, SEVEN
-from end_to_end import Runner
 from peft import LoraConfig, get_peft_model
 
-from celora_dist import CELoRAConfig, inject_celora, telemetry
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ helpers, also when loaded by path
+from _common import iqr, machine_line, markdown_table  # noqa: E402
+from accuracy import SEVEN  # noqa: E402
+from end_to_end import Runner  # noqa: E402
+
+from celora_dist import CELoRAConfig, inject_celora, telemetry  # noqa: E402
 
 COLUMNS = ["tokens", "method", "step_ms", "step_iqr_ms", "speedup", "beyond_iqr", "mean_keep", "approx_share",
            "accuracy", "delta_vs_lora", "delta_std", "layer_err", "head_err"]

@@ -178,22 +178,35 @@ def breakdown(events: list[FunctionEvent], s: Shapes, device: str) -> tuple[Coun
     return times, calls, unmatched
 
 
-def profile_steps(runner: Runner, steps: int, s: Shapes, device: str) -> dict:
-    """Per-step ms by category (overhead = wall - the rest), the op counts and unmatched GEMMs."""
+def profile_steps(runners: dict[str, Runner], steps: int, s: Shapes, device: str) -> dict[str, dict]:
+    """Per method: per-step ms by category (overhead = wall - the rest), op counts, unmatched GEMMs.
+
+    The methods' profiled steps are interleaved (one step of each per round, each in its own
+    profiler session): profiling one method's steps after the other's let the machine's drift
+    show up as a difference — identical forward GEMMs differed by 10% between the blocks.
+    """
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    wall = 0.0
-    with profile(activities=activities, record_shapes=True) as prof:
-        for _ in range(steps):
-            sync(device)
-            start = time.perf_counter()
-            runner.step()
-            sync(device)
-            wall += time.perf_counter() - start
-    times, calls, unmatched = breakdown(prof.events(), s, device)
-    ms = {c: times[c] / 1e3 / steps for c in CATEGORIES}
-    ms["overhead"] = 1e3 * wall / steps - sum(ms.values())
-    return {"ms": ms, "calls": {c: calls[c] / steps for c in CATEGORIES}, "step_ms": 1e3 * wall / steps,
-            "unmatched": sorted(unmatched)}
+    totals = {m: (Counter(), Counter(), set(), [0.0]) for m in runners}
+    for _ in range(steps):
+        for method, runner in runners.items():
+            times, calls, unmatched, wall = totals[method]
+            with profile(activities=activities, record_shapes=True) as prof:
+                sync(device)
+                start = time.perf_counter()
+                runner.step()
+                sync(device)
+                wall[0] += time.perf_counter() - start
+            t, c, u = breakdown(prof.events(), s, device)
+            times.update(t)
+            calls.update(c)
+            unmatched.update(u)
+    out = {}
+    for method, (times, calls, unmatched, wall) in totals.items():
+        ms = {c: times[c] / 1e3 / steps for c in CATEGORIES}
+        ms["overhead"] = 1e3 * wall[0] / steps - sum(ms.values())
+        out[method] = {"ms": ms, "calls": {c: calls[c] / steps for c in CATEGORIES},
+                       "step_ms": 1e3 * wall[0] / steps, "unmatched": sorted(unmatched)}
+    return out
 
 
 def token_ids(vocab: int, tokens: int, device: str) -> torch.Tensor:
@@ -258,7 +271,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             runner.ids = token_ids(vocab, T, a.device)
         plain = interleaved_medians({m: r.step for m, r in runners.items()}, a.steps, a.device, warmup=1)
         check_approximate(runners["celora"].model)
-        prof = {m: profile_steps(r, a.steps, Shapes.of(probe, cfg, T), a.device) for m, r in runners.items()}
+        prof = profile_steps(runners, a.steps, Shapes.of(probe, cfg, T), a.device)
         check_approximate(runners["celora"].model)
         rows = table_rows(prof)
         layer = {m: sum(prof[m]["ms"][c] for c in LAYER) for m in METHODS}

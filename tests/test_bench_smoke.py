@@ -116,3 +116,53 @@ def test_step_profile_smoke(capsys, monkeypatch):
     with torch.device("meta"):
         probe = bench.build_model("tiny", torch.float32, "meta")
     assert summary["ceiling"] == bench.flop_ceiling(probe, bench.CELoRAConfig(), include_head=True).ratio
+
+
+def test_pareto_methods_and_accuracy_join(tmp_path):
+    """bench/pareto.py: method names map to the configs bench/accuracy.py trains, and the join
+    averages accuracy over seeds with the delta to LoRA paired by seed."""
+    import json
+
+    pareto = _load(ROOT / "bench" / "pareto.py")
+    accuracy = sys.modules["accuracy"]
+    methods = pareto.sweep_methods([0.3], [0.1])
+    assert methods == ["lora", "celora", "celora-head0.1", "celora-all0.3", "celora-all0.3-head0.1"]
+    assert methods[1:] == accuracy.expand_methods(["celora", "celora-head", "celora-all"], [0.1], [0.3])
+    cfg = pareto.method_config("celora-all0.3-head0.1")
+    assert cfg.keep == {name: "auto" for name in accuracy.SEVEN} and cfg.exact == ()
+    assert (cfg.error_budget, cfg.head_keep) == (0.3, 0.1)
+    flags = accuracy.method_flags("celora-all0.3-head0.1", 0.9)  # the same config through the trainer's CLI
+    assert flags[flags.index("--keep") + 1] == accuracy.ALL_AUTO and flags[-2:] == ["--head-keep", "0.1"]
+    assert flags[flags.index("--error-budget") + 1] == "0.3"
+    assert pareto.method_config("lora") is None
+    with pytest.raises(ValueError):
+        pareto.method_config("celora-fancy")
+
+    runs = [{"method": "lora", "seed": s, "accuracy": a, "layer_err": float("nan"), "head_err": float("nan")}
+            for s, a in ((0, 0.60), (1, 0.70))]
+    runs += [{"method": "celora-all0.3", "seed": s, "accuracy": a, "layer_err": e, "head_err": float("nan")}
+             for s, a, e in ((0, 0.62, 0.60), (1, 0.66, 0.68))]
+    path = tmp_path / "runs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    rows = [{"method": "lora"}, {"method": "celora-all0.3"}, {"method": "celora"}]
+    pareto.join_accuracy(rows, path)
+    assert rows[1]["accuracy"] == pytest.approx(0.64)
+    assert rows[1]["delta_vs_lora"] == pytest.approx(((0.62 - 0.60) + (0.66 - 0.70)) / 2)
+    assert rows[1]["delta_std"] == pytest.approx(math.sqrt(2) * 0.03)  # stdev of (+0.02, -0.04)
+    assert rows[1]["layer_err"] == pytest.approx(0.64)  # the runs' measured dX error, averaged
+    assert math.isnan(rows[2]["accuracy"])  # not trained: nothing joined
+
+
+def test_backend_choice_smoke(capsys, monkeypatch):
+    """bench/backend_choice.py on the tiny model: every projection measured and a choice made
+    for each measured layer, times positive, best_vs_exact = the ratio of the printed times."""
+    monkeypatch.setenv("CELORA_KERNEL", "auto")  # the script sets it too; restored after the test
+    bench = _load(ROOT / "bench" / "backend_choice.py")
+    rows = bench.main(["--smoke"])
+    assert [r["proj"] for r in rows] == list(bench.SEVEN)
+    for row in rows:
+        assert row["exact"] + row["torch"] + row["triton"] == row["layers"] == 2  # both blocks
+        assert row["triton"] == 0 and math.isnan(row["triton_ms"])  # CPU: no Triton candidate
+        assert row["exact_ms"] > 0 and row["torch_ms"] > 0
+        assert row["best_vs_exact"] == pytest.approx(row["exact_ms"] / row["torch_ms"])
+    assert "| q_proj |" in capsys.readouterr().out
