@@ -234,6 +234,56 @@ def table_rows(prof: dict[str, dict]) -> list[dict]:
     return rows
 
 
+def report(T: int, plain: dict[str, float], prof: dict[str, dict], ceiling: float) -> dict:
+    """Print T's table and summary lines; return them as {"summary", "rows"}."""
+    rows = table_rows(prof)
+    layer = {m: sum(prof[m]["ms"][c] for c in LAYER) for m in METHODS}
+    saved = layer["lora"] - layer["celora"]
+    summary = {"tokens": T, "lora_step_ms": 1e3 * plain["lora"], "celora_step_ms": 1e3 * plain["celora"],
+               "speedup": plain["lora"] / plain["celora"],
+               "speedup_profiled": prof["lora"]["step_ms"] / prof["celora"]["step_ms"],
+               "layer_lora_ms": layer["lora"], "layer_celora_ms": layer["celora"],
+               "layer_gain": layer["lora"] / layer["celora"],
+               "layer_only_speedup": prof["lora"]["step_ms"] / (prof["lora"]["step_ms"] - saved),
+               "rest_delta_ms": rows[-1]["delta_ms"] + saved, "ceiling": ceiling,
+               "unmatched": {m: prof[m]["unmatched"] for m in METHODS}}
+    print(f"\n### T = {T} tokens (batch 1 x {T}); ms per step, delta = CE-LoRA - LoRA\n")
+    print(markdown_table(rows, COLUMNS, FORMATS))
+    print(f"\nstep without profiler: LoRA {summary['lora_step_ms']:.1f} ms, CE-LoRA "
+          f"{summary['celora_step_ms']:.1f} ms -> speed-up {summary['speedup']:.3f}x "
+          f"(profiled {summary['speedup_profiled']:.3f}x); FLOP ceiling {ceiling:.3f}x")
+    print(f"layer-only (dX GEMMs + gathers + LoRA GEMMs): LoRA {layer['lora']:.1f} ms -> CE-LoRA "
+          f"{layer['celora']:.1f} ms = {summary['layer_gain']:.3f}x, {-saved:+.1f} ms "
+          f"({-saved / prof['lora']['step_ms']:+.1%} of LoRA's step: a {summary['layer_only_speedup']:.3f}x "
+          f"step if nothing else changed); all other rows together {summary['rest_delta_ms']:+.1f} ms")
+    for m in METHODS:
+        if prof[m]["unmatched"]:
+            print(f"{m}: GEMMs of no known shape (counted as other kernels): {', '.join(prof[m]['unmatched'])}")
+    return {"summary": summary, "rows": rows}
+
+
+def combine(paths: list[Path]) -> list[dict]:
+    """Tables from --json files of separate runs (e.g. ``--methods lora`` and ``--methods celora``
+    in two processes, when two models' activations do not fit in memory at once)."""
+    merged: dict[int, dict] = {}
+    ceiling = math.nan
+    for path in paths:
+        data = json.loads(path.read_text())
+        print(f"from {path}: {data['machine']}")
+        ceiling = data.get("ceiling", ceiling)
+        for T, entry in data["measured"].items():
+            slot = merged.setdefault(int(T), {"plain": {}, "prof": {}})
+            slot["plain"].update(entry["plain"])
+            slot["prof"].update(entry["prof"])
+    results = []
+    for T, slot in sorted(merged.items()):
+        missing = [m for m in METHODS if m not in slot["prof"]]
+        if missing:
+            raise SystemExit(f"error: T={T} lacks {missing} in {', '.join(map(str, paths))}")
+        results.append(report(T, slot["plain"], slot["prof"], ceiling))
+    return results
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -243,16 +293,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--steps", type=int, default=2, help="profiled (and unprofiled) steps per method and T")
     p.add_argument("--kernel", default="torch", choices=["torch", "auto", "triton"],
                    help="CELORA_KERNEL: torch = the approximate torch path; auto = Triton on CUDA")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="profile only these (with --json; --combine joins the files into the table)")
+    p.add_argument("--combine", type=Path, nargs="+", default=None, help="print the tables of these --json files")
     p.add_argument("--json", type=Path, default=None, help="also write the rows and summaries here")
     a = p.parse_args(argv)
+    if a.combine:
+        return combine(a.combine)
+    methods = [m for m in a.methods.split(",") if m]
+    if not methods or set(methods) - set(METHODS):
+        p.error(f"--methods must name some of {METHODS}, got {a.methods!r}")
     os.environ["CELORA_KERNEL"] = a.kernel  # read by celora_dist's dispatch on every backward
     token_counts = [int(t) for t in a.tokens.split(",")]
     dtype, cfg = DTYPES[a.dtype], CELoRAConfig()
     if 1 + len(token_counts) * (1 + 2 * a.steps) >= cfg.refresh_every:
         p.error(f"--steps {a.steps} x {len(token_counts)} token counts would reach CE-LoRA's next exact "
                 f"refresh step ({cfg.refresh_every}) inside the measurement")
-    print(f"step profile, model={a.model} batch=1 tokens={a.tokens} steps={a.steps} kernel={a.kernel}; "
-          f"{machine_line(a.device, a.dtype)}", flush=True)
+    print(f"step profile, model={a.model} batch=1 tokens={a.tokens} steps={a.steps} kernel={a.kernel} "
+          f"methods={','.join(methods)}; {machine_line(a.device, a.dtype)}", flush=True)
 
     base = build_model(a.model, dtype, a.device)
     with torch.device("meta"):
@@ -260,46 +318,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ceiling = flop_ceiling(probe, cfg, include_head=True).ratio
     vocab = probe.config.vocab_size
     runners = {m: Runner(make_method(base, None if m == "lora" else cfg), token_ids(vocab, token_counts[0], a.device),
-                         a.device, False) for m in METHODS}
+                         a.device, False) for m in methods}
     del base
     for runner in runners.values():
         runner.step()  # for CE-LoRA the exact refresh step 0: indices chosen from here on
 
-    results = []
+    results, measured = [], {}
     for T in token_counts:
         for runner in runners.values():
             runner.ids = token_ids(vocab, T, a.device)
         plain = interleaved_medians({m: r.step for m, r in runners.items()}, a.steps, a.device, warmup=1)
-        check_approximate(runners["celora"].model)
+        if "celora" in runners:
+            check_approximate(runners["celora"].model)
         prof = profile_steps(runners, a.steps, Shapes.of(probe, cfg, T), a.device)
-        check_approximate(runners["celora"].model)
-        rows = table_rows(prof)
-        layer = {m: sum(prof[m]["ms"][c] for c in LAYER) for m in METHODS}
-        saved = layer["lora"] - layer["celora"]
-        summary = {"tokens": T, "lora_step_ms": 1e3 * plain["lora"], "celora_step_ms": 1e3 * plain["celora"],
-                   "speedup": plain["lora"] / plain["celora"],
-                   "speedup_profiled": prof["lora"]["step_ms"] / prof["celora"]["step_ms"],
-                   "layer_lora_ms": layer["lora"], "layer_celora_ms": layer["celora"],
-                   "layer_gain": layer["lora"] / layer["celora"],
-                   "layer_only_speedup": prof["lora"]["step_ms"] / (prof["lora"]["step_ms"] - saved),
-                   "rest_delta_ms": rows[-1]["delta_ms"] + saved, "ceiling": ceiling,
-                   "unmatched": {m: prof[m]["unmatched"] for m in METHODS}}
-        results.append({"summary": summary, "rows": rows})
-        print(f"\n### T = {T} tokens (batch 1 x {T}); ms per step, delta = CE-LoRA - LoRA\n")
-        print(markdown_table(rows, COLUMNS, FORMATS))
-        print(f"\nstep without profiler: LoRA {summary['lora_step_ms']:.1f} ms, CE-LoRA "
-              f"{summary['celora_step_ms']:.1f} ms -> speed-up {summary['speedup']:.3f}x "
-              f"(profiled {summary['speedup_profiled']:.3f}x); FLOP ceiling {ceiling:.3f}x")
-        print(f"layer-only (dX GEMMs + gathers + LoRA GEMMs): LoRA {layer['lora']:.1f} ms -> CE-LoRA "
-              f"{layer['celora']:.1f} ms = {summary['layer_gain']:.3f}x, {-saved:+.1f} ms "
-              f"({-saved / prof['lora']['step_ms']:+.1%} of LoRA's step: a {summary['layer_only_speedup']:.3f}x "
-              f"step if nothing else changed); all other rows together {summary['rest_delta_ms']:+.1f} ms")
-        for m in METHODS:
-            if prof[m]["unmatched"]:
-                print(f"{m}: GEMMs of no known shape (counted as other kernels): {', '.join(prof[m]['unmatched'])}")
+        if "celora" in runners:
+            check_approximate(runners["celora"].model)
+        measured[T] = {"plain": plain, "prof": prof}
+        if len(runners) == len(METHODS):
+            results.append(report(T, plain, prof, ceiling))
+        else:
+            print(f"T={T}: {', '.join(f'{m} {1e3 * plain[m]:.1f} ms' for m in methods)} (table: --combine)", flush=True)
     if a.json:
-        a.json.write_text(json.dumps({"machine": machine_line(a.device, a.dtype), "args": vars(a), "results": results},
-                                 indent=1, default=str))
+        a.json.write_text(json.dumps({"machine": machine_line(a.device, a.dtype), "args": vars(a), "ceiling": ceiling,
+                                      "measured": measured, "results": results}, indent=1, default=str))
     return results
 
 

@@ -11,6 +11,7 @@ from .adapters import load_adapter, merge_celora, save_adapter
 from .config import CELoRAConfig
 from .inject import inject_celora
 from .layer import CELoRALinear
+from .presets import preset
 from .schedule import celora_state_dict, load_celora_state_dict, on_optimizer_step, telemetry
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "celora_state_dict",
     "load_celora_state_dict",
     "for_trainer",
+    "preset",
 ]
 __version__ = "0.1.0"
 

@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from ..config import AUTO, RELEASED_KEEP, SVD_METHODS, CELoRAConfig, is_error_budget, is_fraction
+from ..presets import PRESETS, preset
 from .checkpoint import find_checkpoint
 # UsageError is re-exported: ``from celora_dist.train.cli import UsageError`` keeps working.
 from .embedded import cache_dir
@@ -52,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("method")
     g.add_argument("--method", choices=METHODS, default="celora",
                    help="celora, or lora = the same code path with every target exact (keep = 1)")
+    g.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="start from a named CE-LoRA config (celora_dist/presets.py): 'released' (the default "
+                        "config) or 'fast' (all seven projections adaptive + vocab-sparse head; BENCHMARKS.md); "
+                        "--celora-config and the flags below override its fields")
     g.add_argument("--celora-config", default=None, help="YAML/JSON file with CELoRAConfig fields")
     g.add_argument("--r", type=int, default=None, help="trainable LoRA rank")
     g.add_argument("--alpha", type=float, default=None, help="LoRA alpha")
@@ -156,8 +161,8 @@ def _parse_keep(text: str) -> dict[str, float | str]:
 
 
 def celora_config_from_args(args: argparse.Namespace) -> CELoRAConfig:
-    """CELoRAConfig from --celora-config, then the CLI overrides, then --method."""
-    base = CELoRAConfig().to_dict()
+    """CELoRAConfig from --preset, then --celora-config, then the CLI overrides, then --method."""
+    base = (preset(args.preset) if args.preset else CELoRAConfig()).to_dict()
     if args.celora_config:
         base.update(load_mapping(args.celora_config, "--celora-config"))
     for flag, key in (("r", "r"), ("alpha", "alpha"), ("r0", "r0"), ("refresh_every", "refresh_every"),
