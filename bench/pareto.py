@@ -3,6 +3,7 @@ with the accuracy study's runs into one Pareto table.
 
     python bench/pareto.py --tokens 512,2048 --rounds 7 --budgets 0.3,0.5 --head-keep 0.1
     python bench/pareto.py ... --accuracy /tmp/acc/runs/piqa/runs.jsonl   # + accuracy columns
+    python bench/pareto.py --timing rows.json --accuracy runs.jsonl      # join saved timing (--json)
 
 Timing: the embedded SmolLM2-135M-Instruct (real weights, so adaptive keep picks the k it
 picks in training) on one batch of real PIQA text of T tokens; every method is its own
@@ -161,6 +162,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--methods", default=None, help="comma list overriding the sweep (names as above)")
     p.add_argument("--accuracy", type=Path, default=None, help="bench/accuracy.py's runs.jsonl to join")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    p.add_argument("--timing", type=Path, default=None,
+                   help="a --json file of an earlier run: reuse its timing rows instead of measuring")
     a = p.parse_args(argv)
     budgets = [float(b) for b in a.budgets.split(",") if b.strip()]
     heads = [float(h) for h in a.head_keep.split(",") if h.strip()]
@@ -169,13 +172,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         method_config(method)  # unknown names fail before any model is built
     if "lora" not in methods:
         methods.insert(0, "lora")
-    if a.accuracy is not None and not a.accuracy.is_file():
-        raise SystemExit(f"error: --accuracy {a.accuracy} is not a file (bench/accuracy.py --out DIR writes "
-                         "DIR/<task>/runs.jsonl)")
-    print(f"pareto sweep, SmolLM2-135M-Instruct real weights, PIQA text; {machine_line('cpu', 'fp32')}", flush=True)
-    rows = []
-    for tokens in (int(t) for t in a.tokens.split(",")):
-        rows += time_methods(methods, tokens, a.rounds)
+    for flag, path in (("--accuracy", a.accuracy), ("--timing", a.timing)):
+        if path is not None and not path.is_file():
+            raise SystemExit(f"error: {flag} {path} is not a file (bench/accuracy.py --out DIR writes "
+                             "DIR/<task>/runs.jsonl; --timing takes what --json wrote)")
+    if a.timing is not None:
+        rows = [{key: row[key] for key in COLUMNS[:8]} for row in json.loads(a.timing.read_text())]
+    else:
+        print(f"pareto sweep, SmolLM2-135M-Instruct real weights, PIQA text; {machine_line('cpu', 'fp32')}",
+              flush=True)
+        rows = []
+        for tokens in (int(t) for t in a.tokens.split(",")):
+            rows += time_methods(methods, tokens, a.rounds)
     join_accuracy(rows, a.accuracy)
     print(markdown_table(rows, COLUMNS, FORMATS))
     print("speedup = LoRA's median step / this one's; beyond_iqr: the gain exceeds both methods' IQR; "

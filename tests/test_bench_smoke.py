@@ -152,6 +152,18 @@ def test_pareto_methods_and_accuracy_join(tmp_path):
     assert rows[1]["layer_err"] == pytest.approx(0.64)  # the runs' measured dX error, averaged
     assert math.isnan(rows[2]["accuracy"])  # not trained: nothing joined
 
+    # --timing: saved timing rows (what --json wrote) joined without measuring again
+    timing = tmp_path / "timing.json"
+    timing.write_text(json.dumps([{"tokens": 512, "method": m, "step_ms": ms, "step_iqr_ms": 5.0, "speedup": s,
+                                   "beyond_iqr": s > 1.05, "mean_keep": 0.5, "approx_share": 1.0,
+                                   "accuracy": 0.0}  # a stale column: replaced by the join
+                                  for m, ms, s in (("lora", 100.0, 1.0), ("celora-all0.3", 80.0, 1.25))]))
+    joined = pareto.main(["--timing", str(timing), "--accuracy", str(path)])
+    assert [r["method"] for r in joined] == ["lora", "celora-all0.3"]
+    assert joined[1]["speedup"] == 1.25 and joined[1]["accuracy"] == pytest.approx(0.64)
+    with pytest.raises(SystemExit, match="--timing"):
+        pareto.main(["--timing", str(tmp_path / "missing.json")])
+
 
 def test_backend_choice_smoke(capsys, monkeypatch):
     """bench/backend_choice.py on the tiny model: every projection measured and a choice made
