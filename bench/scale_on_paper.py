@@ -19,7 +19,8 @@ tokens per sequence, activation checkpointing and config:
 Configs: ``released`` (CELoRAConfig(): v/o 0.55, up/down 0.65, q/k/gate exact),
 ``released+head`` (and the LM head's backward at ``--head-keep``), ``all-auto`` (all
 seven projections keep="auto", costed at ``--auto-keep``, the stand-in flop_ceiling
-uses) and ``all-auto+head``. A FLOP ratio is a ceiling for the wall clock too: the
+uses) and ``all-auto+head``, and ``fast`` (``celora_dist.preset("fast")``, its auto layers costed at
+``--fast-keep``, the mean keep they settled at in the measured sweep). A FLOP ratio is a ceiling for the wall clock too: the
 gathers and index work of CE-LoRA are not FLOPs (BENCHMARKS.md measures them).
 """
 from __future__ import annotations
@@ -31,29 +32,37 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py, also when loaded by path
 from _common import markdown_table  # noqa: E402  (puts the checkout on sys.path too)
 
-from celora_dist import CELoRAConfig  # noqa: E402
+from celora_dist import CELoRAConfig, preset  # noqa: E402
 from celora_dist.costmodel import LLAMA_PROJECTIONS, MODEL_SHAPES, step_flops  # noqa: E402
 
 COLUMNS = ["model", "T", "ckpt", "config", "linear_ceiling", "step_ratio", "shrinkable", "attn_share"]
 FORMATS = {"linear_ceiling": "{:.3f}x", "step_ratio": "{:.3f}x", "shrinkable": "{:.0%}", "attn_share": "{:.0%}"}
 
 
-def configs(head_keep: float) -> dict[str, CELoRAConfig]:
+# The mean keep adaptive keep settled at under the fast preset's error budget in the Pareto
+# sweep (SmolLM2-135M, real weights, PIQA; BENCHMARKS.md "Pareto"): the fast column's stand-in.
+FAST_MEAN_KEEP = 0.39
+
+
+def configs(head_keep: float, auto_keep: float, fast_keep: float = FAST_MEAN_KEEP
+            ) -> dict[str, tuple[CELoRAConfig, float]]:
+    """name -> (config, the keep its "auto" layers are costed at)."""
     all_auto = {name: "auto" for name in LLAMA_PROJECTIONS}
-    return {"released": CELoRAConfig(),
-            "released+head": CELoRAConfig(head_keep=head_keep),
-            "all-auto": CELoRAConfig(keep=all_auto, exact=()),
-            "all-auto+head": CELoRAConfig(keep=all_auto, exact=(), head_keep=head_keep)}
+    return {"released": (CELoRAConfig(), auto_keep),
+            "released+head": (CELoRAConfig(head_keep=head_keep), auto_keep),
+            "all-auto": (CELoRAConfig(keep=all_auto, exact=()), auto_keep),
+            "all-auto+head": (CELoRAConfig(keep=all_auto, exact=(), head_keep=head_keep), auto_keep),
+            "fast": (preset("fast"), fast_keep)}
 
 
 def rows(models: list[str], seq_lens: list[int], head_keep: float, auto_keep: float,
-         causal: bool = True) -> list[dict]:
+         causal: bool = True, fast_keep: float = FAST_MEAN_KEEP) -> list[dict]:
     out = []
     for model in models:
         for T in seq_lens:
             for ckpt in (False, True):
-                for name, cfg in configs(head_keep).items():
-                    f = step_flops(MODEL_SHAPES[model], cfg, T, ckpt, auto_keep=auto_keep, causal=causal)
+                for name, (cfg, keep) in configs(head_keep, auto_keep, fast_keep).items():
+                    f = step_flops(MODEL_SHAPES[model], cfg, T, ckpt, auto_keep=keep, causal=causal)
                     out.append({"model": model, "T": T, "ckpt": "yes" if ckpt else "no", "config": name,
                                 "linear_ceiling": f.linear_ratio, "step_ratio": f.ratio,
                                 "shrinkable": f.shrinkable_share, "attn_share": f.attention / f.dense})
@@ -80,12 +89,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--seq-lens", type=int, nargs="+", default=[512, 2048, 4096])
     p.add_argument("--head-keep", type=float, default=0.1)
     p.add_argument("--auto-keep", type=float, default=0.6, help='stand-in keep for "auto" layers')
+    p.add_argument("--fast-keep", type=float, default=FAST_MEAN_KEEP,
+                   help="keep the fast preset's auto layers are costed at (default: measured, see FAST_MEAN_KEEP)")
     p.add_argument("--non-causal", action="store_true", help="count the full T x T attention")
     p.add_argument("--wide", action="store_true", help="one row per model/T/ckpt, configs as columns")
     a = p.parse_args(argv)
-    table = rows(a.models, a.seq_lens, a.head_keep, a.auto_keep, causal=not a.non_causal)
+    table = rows(a.models, a.seq_lens, a.head_keep, a.auto_keep, causal=not a.non_causal, fast_keep=a.fast_keep)
     print(f"# predicted step FLOP ratio dense-dX LoRA / CE-LoRA (celora_dist.costmodel.step_flops); "
-          f"head_keep={a.head_keep} auto_keep={a.auto_keep} attention={'full' if a.non_causal else 'causal'}; "
+          f"head_keep={a.head_keep} auto_keep={a.auto_keep} fast_keep={a.fast_keep} attention={'full' if a.non_causal else 'causal'}; "
           f"r=r0=14 for both methods")
     if a.wide:
         wrows, cols = wide(table)

@@ -105,10 +105,15 @@ def test_scale_on_paper_script(capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     rows = bench.main(["--models", "llama-3-70b", "--seq-lens", "512", "4096"])
-    assert len(rows) == 2 * 2 * 4  # T x checkpointing x configs
+    assert len(rows) == 2 * 2 * 5  # T x checkpointing x configs
     assert all(1.0 < r["step_ratio"] <= r["linear_ceiling"] for r in rows)
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("|")]
     assert lines[0] == "| " + " | ".join(bench.COLUMNS) + " |" and len(lines) == 2 + len(rows)
     bench.main(["--models", "smollm2-135m", "--seq-lens", "512", "--wide"])
     wide = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("|")]
-    assert len(wide) == 2 + 2 and "released+head" in wide[0]
+    assert len(wide) == 2 + 2 and "released+head" in wide[0] and "fast" in wide[0]
+    # the fast column is the preset costed at the keep its auto layers settled at
+    from celora_dist import preset
+    fast = [r for r in bench.rows(["llama-3-8b"], [2048], 0.1, 0.6, fast_keep=0.5) if r["config"] == "fast"]
+    assert fast[0]["step_ratio"] == step_flops(MODEL_SHAPES["llama-3-8b"], preset("fast"), 2048, False,
+                                               auto_keep=0.5).ratio
