@@ -41,7 +41,7 @@ FORMATS = {"linear_ceiling": "{:.3f}x", "step_ratio": "{:.3f}x", "shrinkable": "
 
 # The mean keep adaptive keep settled at under the fast preset's error budget in the Pareto
 # sweep (SmolLM2-135M, real weights, PIQA; BENCHMARKS.md "Pareto"): the fast column's stand-in.
-FAST_MEAN_KEEP = 0.39
+FAST_MEAN_KEEP = 0.64
 
 
 def configs(head_keep: float, auto_keep: float, fast_keep: float = FAST_MEAN_KEEP
