@@ -95,11 +95,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    status = 0
     try:
         main()
     except Exception as e:  # bad input, a non-finite step, SIGTERM, a collective timeout; others re-raised
         message, status = exit_report(e)
         print(message, file=sys.stderr, flush=True)
-        sys.exit(status)
     finally:
         E.shutdown()  # no process-group threads left to abort the exit
+    E.exit_process(status)  # atexit handlers, then no interpreter teardown (a C++ thread could abort it)
