@@ -45,8 +45,8 @@ from end_to_end import Runner  # noqa: E402
 
 from celora_dist import CELoRAConfig, inject_celora, telemetry  # noqa: E402
 
-COLUMNS = ["tokens", "method", "step_ms", "step_iqr_ms", "speedup", "beyond_iqr", "mean_keep", "approx_share",
-           "accuracy", "delta_vs_lora", "delta_std", "layer_err", "head_err"]
+TIMING_COLUMNS = ["tokens", "method", "step_ms", "step_iqr_ms", "speedup", "beyond_iqr", "mean_keep", "approx_share"]
+COLUMNS = [*TIMING_COLUMNS, "accuracy", "delta_vs_lora", "delta_std", "layer_err", "head_err"]  # + join_accuracy
 FORMATS = {"step_ms": "{:.0f}", "step_iqr_ms": "{:.0f}", "speedup": "{:.3f}x", "mean_keep": "{:.3f}",
            "approx_share": "{:.2f}", "accuracy": "{:.4f}", "delta_vs_lora": "{:+.4f}", "delta_std": "{:.4f}",
            "layer_err": "{:.3f}", "head_err": "{:.3f}"}
@@ -172,12 +172,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         method_config(method)  # unknown names fail before any model is built
     if "lora" not in methods:
         methods.insert(0, "lora")
-    for flag, path in (("--accuracy", a.accuracy), ("--timing", a.timing)):
+    for flag, path, hint in (("--accuracy", a.accuracy, "bench/accuracy.py --out DIR writes DIR/<task>/runs.jsonl"),
+                             ("--timing", a.timing, "it takes what --json wrote")):
         if path is not None and not path.is_file():
-            raise SystemExit(f"error: {flag} {path} is not a file (bench/accuracy.py --out DIR writes "
-                             "DIR/<task>/runs.jsonl; --timing takes what --json wrote)")
+            raise SystemExit(f"error: {flag} {path} is not a file ({hint})")
     if a.timing is not None:
-        rows = [{key: row[key] for key in COLUMNS[:8]} for row in json.loads(a.timing.read_text())]
+        rows = [{key: row[key] for key in TIMING_COLUMNS} for row in json.loads(a.timing.read_text())]
     else:
         print(f"pareto sweep, SmolLM2-135M-Instruct real weights, PIQA text; {machine_line('cpu', 'fp32')}",
               flush=True)
