@@ -72,6 +72,12 @@ def test_low_rank_term_in_fp32_joins_a_bf16_product(threads):
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=TOL[torch.bfloat16] * ref.abs().max().item())
 
 
+def test_int32_indices_give_the_same_product(threads):
+    G, W, selected, left, right = _case(8, 30, 12, 11, 6, torch.float32)
+    assert torch.equal(celora_grad_input(G, W, selected.int(), left, right),
+                       celora_grad_input(G, W, selected, left, right))
+
+
 def test_inputs_are_not_modified(threads):
     G, W, selected, left, right = _case(8, 30, 12, 11, 6, torch.float32)
     before = [t.clone() for t in (G, W, selected, left, right)]

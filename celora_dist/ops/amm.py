@@ -50,7 +50,7 @@ def celora_grad_input(
 ) -> Tensor:
     """``G[:, I] @ W0[I] + left @ right`` for a (T, m) gradient G and an (m, n) weight W0.
 
-    selected: sorted LongTensor of kept output features, or None (dense ``G @ W0``).
+    selected: sorted integer tensor of kept output features, or None (dense ``G @ W0``).
     left (T, j), right (j, n): the low-rank term, or both None.
     Matmuls run in the input dtype; torch accumulates bf16/fp16 GEMMs in fp32.
     """
@@ -58,6 +58,7 @@ def celora_grad_input(
     if selected is None:
         out = grad_output @ weight
         return out if left is None else out.addmm_(left, right)
+    selected = selected.long()  # torch.gather takes int64 only (the layer's indices already are)
     if grad_output.device.type == "cpu" and torch.get_num_threads() == 1:
         return _gathered_then_added(grad_output, weight, selected, left, right)
     return _one_gemm_over_gathered_buffers(grad_output, weight, selected, left, right)
