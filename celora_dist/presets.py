@@ -19,8 +19,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "released": {},
     # all seven projections adaptive under an error budget, with the vocab-sparse head: the
     # fastest point of the sweep within 1 accuracy point of LoRA (BENCHMARKS.md "Pareto";
-    # SmolLM2-135M, PIQA, 3 seeds: -1.0 point; step 1.16x at 512 tokens, 1.09x at 2048, CPU).
-    # Budget 0.5 was faster (1.23x / 1.18x) but lost 1.8 points.
+    # SmolLM2-135M, PIQA, 5 seeds: -0.5 point; step 1.16x at 512 tokens, 1.09x at 2048, CPU).
+    # Budget 0.5 was faster (1.23x / 1.18x) but lost 1.9 points.
     "fast": {"keep": {name: AUTO for name in SEVEN}, "exact": [], "error_budget": 0.3, "head_keep": 0.1},
 }
 
