@@ -91,6 +91,19 @@ def low_rank_operands(G: Tensor, lora_B: Tensor, lora_A: Tensor, scaling: float,
     return left[:, :r], left[:, r:], A0
 
 
+def add_lora_output(y: Tensor, xA: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """``y + s·(xA) Bᵀ``, in place as ONE ``addmm_`` over y's rows where y is contiguous.
+
+    ``y + s * F.linear(xA, B)`` writes two (T, m) temporaries and makes three passes over
+    them; the addmm reads and writes y once. Only for a y the caller owns (the forward's own
+    product): it is modified.
+    """
+    if not y.is_contiguous():
+        return y + scaling * F.linear(xA, lora_B)
+    y.view(-1, y.shape[-1]).addmm_(xA.reshape(-1, xA.shape[-1]), lora_B.t(), alpha=scaling)
+    return y
+
+
 class _CELoRAFunction(torch.autograd.Function):
     """y = x W0ᵀ + b + s (xd Aᵀ) Bᵀ with the CE-LoRA backward.
 
@@ -105,7 +118,7 @@ class _CELoRAFunction(torch.autograd.Function):
         xA = F.linear(xd, lora_A)
         y = F.linear(x, weight, bias)
         if layer.r:  # r = 0: the frozen linear alone (a PEFT LoRA around it adds the adapter)
-            y = y + s * F.linear(xA, lora_B)
+            y = add_lora_output(y, xA, lora_B, s)
         ctx.layer = layer
         ctx.fused = xd is x
         ctx.x_shape = x.shape

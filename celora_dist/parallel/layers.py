@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from ..config import num_kept
 from ..factors import residual_row_sq
-from ..layer import CELoRALinear, _CELoRAFunction
+from ..layer import CELoRALinear, _CELoRAFunction, add_lora_output
 from ..selection import next_adaptive_k, topk_indices
 from ..zero import is_partitioned
 from .comm import ReduceGradOverTP, all_gather_cat, all_reduce_many, broadcast_, group_rank, group_size
@@ -90,7 +90,7 @@ class _RowFunction(_CELoRAFunction):
         y, xA = done["y"], done["xA"].clone()  # saved: must not pin the T×m buffer
         if bias is not None:
             y = y + bias
-        y = y + s * F.linear(xA, lora_B)
+        y = add_lora_output(y, xA, lora_B, s)  # in place: y is this forward's own buffer
         ctx.layer = layer
         ctx.fused = xd is x
         ctx.x_shape = x.shape
