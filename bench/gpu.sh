@@ -57,7 +57,7 @@ else  # the same scripts at their smoke sizes: checks this file's control flow o
 fi
 
 START=$SECONDS
-mkdir -p "$OUT_DIR"
+[ "$DRY_RUN" = 0 ] && mkdir -p "$OUT_DIR"  # a dry run writes nothing, not even the folder
 SUMMARY="$OUT_DIR/summary.txt"
 
 # run_step NAME LIMIT_S COMMAND...: stdout to NAME.md, stderr appended to stderr.log.
@@ -109,6 +109,6 @@ else
 fi
 run_step paper "${LIMITS[5]}" "$PY" bench/scale_on_paper.py --wide
 
-echo "[gpu.sh] done in $((SECONDS - START))s; tables in $OUT_DIR/"
+[ "$DRY_RUN" = 0 ] && echo "[gpu.sh] done in $((SECONDS - START))s; tables in $OUT_DIR/"
 [ "$DRY_RUN" = 0 ] && cat "$SUMMARY"
 exit 0

@@ -1,4 +1,5 @@
-"""bench/layer_backward.py --smoke and bench/step_profile.py (tiny model) run in-process and print well-formed tables.
+"""The benchmarks run at their smoke sizes and print well-formed tables: bench/layer_backward.py,
+bench/step_profile.py (tiny model), bench/pareto.py, bench/backend_choice.py and bench/gpu.sh (DEVICE=cpu).
 
 No timing assertions (the machine is shared); the numbers must be finite and positive,
 the ratio columns must be the ratios of the printed times, and the profile's categories
@@ -178,3 +179,31 @@ def test_backend_choice_smoke(capsys, monkeypatch):
         assert row["exact_ms"] > 0 and row["torch_ms"] > 0
         assert row["best_vs_exact"] == pytest.approx(row["exact_ms"] / row["torch_ms"])
     assert "| q_proj |" in capsys.readouterr().out
+
+
+GPU_STEPS = ["layer", "head", "e2e", "e2e_ckpt", "backend", "paper"]
+
+
+def test_gpu_script_dry_run_lists_the_cuda_commands(tmp_path):
+    """bench/gpu.sh --dry-run: every step with its CUDA command and time limit, nothing run."""
+    out = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run"], capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "OUT": str(tmp_path / "never-written")})
+    assert out.returncode == 0, out.stderr
+    for step in GPU_STEPS:
+        assert f"[gpu.sh] {step} (limit " in out.stdout
+    assert "--device cuda --dtype bf16" in out.stdout
+    assert not (tmp_path / "never-written").exists()
+
+
+def test_gpu_script_runs_every_step_on_cpu(tmp_path):
+    """DEVICE=cpu runs the GPU script's steps at their smoke sizes: what a first GPU call will do,
+    minus the sizes — each step exits 0 and leaves its table, and summary.txt records it."""
+    env = {**os.environ, "DEVICE": "cpu", "OUT": str(tmp_path)}
+    out = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    summary = (tmp_path / "summary.txt").read_text()
+    for step in GPU_STEPS:
+        assert f"[gpu.sh] {step}: rc=0 ok" in summary, summary
+        table = [ln for ln in (tmp_path / f"{step}.md").read_text().splitlines() if ln.startswith("|")]
+        assert len(table) >= 3, f"{step}.md has no table rows"  # header, separator, >= 1 row
