@@ -72,19 +72,18 @@ def _one_gemm_over_gathered_buffers(G: Tensor, W: Tensor, selected: Tensor, left
     rounding. ``torch.gather`` writes the column slice on TensorIterator's strided path and runs
     on every thread; ``index_select`` along dim 1 is a serial loop, and into a slice it falls
     off its fast path (2-5x slower). fp32, T = 2048, keep 0.55, 2 threads (Intel Xeon, 2026-12-02,
-    interleaved medians of 21): 1-5% faster than :func:`_gathered_then_added` on each of the
-    eight 8B/4 and 1B/4 projection shapes, e.g. (m, n) = (512, 2048) 1.50x -> 1.58x over dense;
-    the LM head's gather (512, 49152) -> 4916 columns: 12.3 -> 6.5 ms.
+    interleaved medians of 21): faster than :func:`_gathered_then_added` on each of the eight
+    8B/4 and 1B/4 projection shapes, by 0.1-6% of the dense time, e.g. (m, n) = (512, 2048)
+    1.50x -> 1.58x over dense; the LM head's gather (512, 49152) -> 4916 columns: 12.3 -> 6.5 ms.
+    Without a low-rank term (the head) the buffers are just the gathered operands.
     """
     T, k, j = G.shape[0], selected.numel(), 0 if left is None else left.shape[1]
-    if j == 0:
-        return torch.gather(G, 1, selected.expand(T, k)) @ W.index_select(0, selected)
-    lhs = G.new_empty(T, k + j)
+    lhs, rhs = G.new_empty(T, k + j), W.new_empty(k + j, W.shape[1])
     torch.gather(G, 1, selected.expand(T, k), out=lhs[:, :k])
-    lhs[:, k:].copy_(left)
-    rhs = W.new_empty(k + j, W.shape[1])
     torch.index_select(W, 0, selected, out=rhs[:k])
-    rhs[k:].copy_(right)
+    if j:
+        lhs[:, k:].copy_(left)
+        rhs[k:].copy_(right)
     return lhs @ rhs
 
 
