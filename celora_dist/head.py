@@ -26,18 +26,25 @@ from torch import Tensor, nn
 
 from .config import is_fraction, num_kept
 from .kernels import grad_input, gradient_scores
+from .precision import autocast_off, cast, compute_dtype
 from .scheduled import ScheduledModule
 from .selection import RelErrorMeter, topk_indices
 from .zero import gathered
 
 
 class _VocabSparseHeadFunction(torch.autograd.Function):
+    """Exact logits, top-k-row dH. Under autocast the logits come out in autocast's dtype and
+    dH in the hidden state's (``celora_dist/precision.py``); the frozen weight is saved as is
+    and only its gathered rows are cast in backward."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, head):
+        dtype = compute_dtype(x)
         ctx.head = head
-        ctx.x_shape = x.shape
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.save_for_backward(weight)
-        return F.linear(x, weight, bias)
+        with autocast_off(x):
+            return F.linear(cast(x, dtype), cast(weight, dtype), cast(bias, dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -47,14 +54,15 @@ class _VocabSparseHeadFunction(torch.autograd.Function):
         head: VocabSparseLMHead = ctx.head
         G = grad_out.reshape(-1, weight.shape[0])
         if head.is_exact:
-            return (G @ weight).view(ctx.x_shape), None, None, None
-        selected = topk_indices(gradient_scores(G) * head.w_row_sq, head.k)
-        approx = grad_input(G, weight, selected)
-        if head.measure_due():
-            exact = grad_input(G, weight)
-            head.error.add(exact, approx)
-            approx = exact
-        return approx.view(ctx.x_shape), None, None, None
+            dH = grad_input(G, weight)
+        else:
+            selected = topk_indices(gradient_scores(G) * head.w_row_sq, head.k)
+            dH = grad_input(G, weight, selected)
+            if head.measure_due():
+                exact = grad_input(G, weight)
+                head.error.add(exact, dH)
+                dH = exact
+        return cast(dH.view(ctx.x_shape), ctx.x_dtype), None, None, None
 
 
 class VocabSparseLMHead(ScheduledModule, nn.Linear):
@@ -103,6 +111,9 @@ class VocabSparseLMHead(ScheduledModule, nn.Linear):
     def finish_step(self) -> None:
         self.error.finish(self.step)
         self.step += 1
+
+    def discard_step(self) -> None:
+        self.error.discard()
 
     def telemetry(self) -> dict[str, Any] | None:
         if self.is_exact:

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from .config import AUTO, EXACT, SCORE_MODES, SVDMethod, is_fraction, lora_scaling, num_kept
 from .factors import check_r0, double_lora_factors
 from .kernels import BackendChoice, grad_input, gradient_scores, implementation
+from .precision import autocast_off, cast, compute_dtype
 from .scheduled import UNDRIVEN_BACKWARDS, ScheduledModule, warn_undriven
 from .selection import RelErrorMeter, complement_of, next_adaptive_k, select_indices
 from .zero import gathered
@@ -79,13 +80,18 @@ def low_rank_operands(G: Tensor, lora_B: Tensor, lora_A: Tensor, scaling: float,
     than PEFT LoRA's to equal (BENCHMARKS.md, end-to-end section). ``B0_dropped``
     None (exact layers, r0 = 0): left is s·G B alone. ``lora_in_dx`` False (LoRA
     dropout: its term goes to the dropped-out input's gradient instead) leaves LoRA's
-    columns out of (left, right). The first return value is s·G B, for dA.
+    columns out of (left, right). The first return value is s·G B, for dA. Everything
+    is computed in G's dtype (the forward's compute dtype): the small factors are cast
+    to it (fp32 master weights under autocast, ``celora_dist/precision.py``).
     """
+    dtype = G.dtype
+    lora_B, lora_A = cast(lora_B, dtype), cast(lora_A, dtype)
     r = lora_B.shape[1]
     if B0_dropped is None:
         sGB = (G @ lora_B).mul_(scaling)
         return (sGB, sGB, lora_A) if lora_in_dx else (sGB, None, None)
-    left = G @ torch.cat([lora_B * scaling, B0_dropped], dim=1)
+    A0 = cast(A0, dtype)
+    left = G @ torch.cat([lora_B * scaling, cast(B0_dropped, dtype)], dim=1)
     if lora_in_dx:
         return left[:, :r], left, torch.cat([lora_A, A0], dim=0)
     return left[:, :r], left[:, r:], A0
@@ -109,20 +115,25 @@ class _CELoRAFunction(torch.autograd.Function):
 
     ``xd`` is the dropout-ed input of the LoRA branch; when it is ``x`` itself the
     LoRA term of dX is folded into the one dX GEMM. Parameters are passed and saved
-    as the Parameter objects so ZeRO-3 can re-gather them for backward.
+    as the Parameter objects so ZeRO-3 can re-gather them for backward. The math runs
+    in autocast's dtype when autocast is on (``celora_dist/precision.py``): the output
+    is in that dtype, the gradients in their inputs' dtypes.
     """
 
     @staticmethod
     def forward(ctx, x, xd, weight, bias, lora_A, lora_B, B0, A0, layer):
         s = layer.scaling
-        xA = F.linear(xd, lora_A)
-        y = F.linear(x, weight, bias)
-        if layer.r:  # r = 0: the frozen linear alone (a PEFT LoRA around it adds the adapter)
-            y = add_lora_output(y, xA, lora_B, s)
-        ctx.layer = layer
-        ctx.fused = xd is x
-        ctx.x_shape = x.shape
-        ctx.save_for_backward(xd, weight, lora_A, lora_B, B0, A0, xA)
+        dtype = compute_dtype(x)
+        fused = xd is x
+        with autocast_off(x):
+            xc = cast(x, dtype)
+            xdc = xc if fused else cast(xd, dtype)
+            xA = F.linear(xdc, cast(lora_A, dtype))
+            y = F.linear(xc, cast(weight, dtype), cast(bias, dtype))
+            if layer.r:  # r = 0: the frozen linear alone (a PEFT LoRA around it adds the adapter)
+                y = add_lora_output(y, xA, cast(lora_B, dtype), s)
+        save_context(ctx, layer, x, xd, lora_A, lora_B, fused)
+        ctx.save_for_backward(xdc, weight, lora_A, lora_B, B0, A0, xA)
         return y
 
     @staticmethod
@@ -130,11 +141,26 @@ class _CELoRAFunction(torch.autograd.Function):
         layer: CELoRALinear = ctx.layer
         dX, approx, dXd, dA, dB = local_backward(ctx, grad_out)
         dX, dA = layer._combine_backward(ctx.fused, dX, approx, dA)
-        if dX is not None:
-            dX = dX.view(ctx.x_shape)
-        if dXd is not None:
-            dXd = dXd.view(ctx.x_shape)
-        return dX, dXd, None, None, dA, dB, None, None, None
+        return input_grads(ctx, dX, dXd, dA, dB)
+
+
+def save_context(ctx, layer: "CELoRALinear", x: Tensor, xd: Tensor, lora_A: Tensor, lora_B: Tensor,
+                 fused: bool) -> None:
+    """What every CE-LoRA Function's backward needs besides its saved tensors (read once)."""
+    ctx.layer = layer
+    ctx.fused = fused
+    ctx.x_shape = x.shape
+    ctx.grad_dtypes = (x.dtype, xd.dtype, lora_A.dtype, lora_B.dtype)
+
+
+def input_grads(ctx, dX: Tensor | None, dXd: Tensor | None, dA: Tensor | None, dB: Tensor | None) -> tuple:
+    """The Function's gradients, shaped and typed like its inputs (x, xd, ..., A, B)."""
+    x_dtype, xd_dtype, a_dtype, b_dtype = ctx.grad_dtypes
+    if dX is not None:
+        dX = cast(dX.view(ctx.x_shape), x_dtype)
+    if dXd is not None:
+        dXd = cast(dXd.view(ctx.x_shape), xd_dtype)
+    return dX, dXd, None, None, cast(dA, a_dtype), cast(dB, b_dtype), None, None, None
 
 
 def local_backward(ctx, grad_out: Tensor):
@@ -146,10 +172,10 @@ def local_backward(ctx, grad_out: Tensor):
     branch's input gradient when dropout separates it from x. Refresh-step scores
     are accumulated here. Summing over a TP group is the layer's ``_combine_backward``.
     """
-    xd, weight, lora_A, lora_B, B0, A0, xA = ctx.saved_tensors
+    xd, weight, lora_A, lora_B, B0, A0, xA = ctx.saved_tensors  # xd, xA in the compute dtype
     layer: CELoRALinear = ctx.layer
     m, n = weight.shape
-    G = grad_out.reshape(-1, m)
+    G = cast(grad_out.reshape(-1, m), xA.dtype)
     need_x, need_xd, _, _, need_A, need_B = ctx.needs_input_grad[:6]
 
     refresh = layer.refresh_due()
@@ -176,12 +202,12 @@ def local_backward(ctx, grad_out: Tensor):
             else:
                 estimate = implementation(backend)(G, weight, layer.selected, left, right)
             if refresh:  # exact step: the estimate is kept only to measure its error
-                lora = (sGB, lora_A) if ctx.fused else (None, None)
+                lora = (sGB, cast(lora_A, sGB.dtype)) if ctx.fused else (None, None)
                 dX, approx = grad_input(G, weight, None, *lora), estimate
             else:
                 dX = estimate
     if need_xd and not ctx.fused:
-        dXd = sGB @ lora_A
+        dXd = sGB @ cast(lora_A, sGB.dtype)
     return dX, approx, dXd, dA, dB
 
 
@@ -403,6 +429,12 @@ class CELoRALinear(ScheduledModule, nn.Module):
                 self.k_chosen_at = self.step
         self._refresh_backwards = 0
         self.step += 1
+
+    def discard_step(self) -> None:
+        self._pending_colsq = None
+        self.error.discard()
+        self.dx_choice.discard()
+        self._refresh_backwards = 0
 
     def telemetry(self) -> dict[str, Any] | None:
         if self.is_exact:

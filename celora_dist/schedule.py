@@ -35,14 +35,23 @@ def _all_reduce_statistics(pending: list[tuple[ScheduledModule, Tensor]], group:
         offset += stats.numel()
 
 
-def on_optimizer_step(model: nn.Module, group: Any = None) -> None:
+def on_optimizer_step(model: nn.Module, group: Any = None, skipped: bool = False) -> None:
     """Advance every CE-LoRA layer's step counter; finish a refresh if this step was one.
 
     Call once per optimizer step (after ``optimizer.step()`` / ``engine.step()``),
     never per micro-batch. ``group``: the data-parallel process group used to sync
-    scores (default: the world, when torch.distributed is initialised).
+    scores (default: the world, when torch.distributed is initialised). ``skipped``:
+    the optimizer did not apply this step (an fp16 loss scaler found inf/NaN gradients):
+    the step's statistics, whose scores may be inf, are dropped and the schedule does not
+    advance, so the step is repeated as it was (a refresh step stays a refresh step). The
+    scaler's verdict is the same on every rank (it reads the already-reduced gradients),
+    so every rank drops the same step.
     """
     modules = [module for _, module in scheduled_modules(model)]
+    if skipped:
+        for module in modules:
+            module.discard_step()
+        return
     pending = [(module, module.pending_statistics()) for module in modules if module.sync_indices]
     sync = [(module, stats) for module, stats in pending if stats is not None]
     if group is None and any(module.tp_size > 1 for module, _ in sync):

@@ -15,6 +15,9 @@ Per optimizer step the driver calls, in this order:
 2. ``load_synced_statistics(t)`` with the sum of those tensors over the DP group;
 3. ``finish_step()`` on every module: choose the next indices if this was a refresh
    step, publish the measured error, advance the step counter.
+
+A step the optimizer skipped (fp16 loss scaling found inf/NaN) calls ``discard_step()``
+on every module instead of 1–3.
 """
 from __future__ import annotations
 
@@ -71,6 +74,11 @@ class ScheduledModule(abc.ABC):
     @abc.abstractmethod
     def finish_step(self) -> None:
         """End of one optimizer step: finish a refresh if this was one, advance the counter."""
+
+    @abc.abstractmethod
+    def discard_step(self) -> None:
+        """The optimizer skipped this step (inf/NaN under a loss scaler): drop what the step's
+        backwards accumulated and do NOT advance the counter."""
 
     @abc.abstractmethod
     def telemetry(self) -> dict[str, Any] | None:

@@ -71,6 +71,11 @@ class RelErrorMeter:
             self.err_sq += float((approx.float() - exact32).pow(2).sum())
             self.measured = True
 
+    def discard(self) -> None:
+        """Forget this step's sums (a skipped optimizer step); the published error stays."""
+        self.err_sq = self.ref_sq = 0.0
+        self.measured = False
+
     def measured_at(self, step: int) -> float | None:
         """The relative error published for ``step``, None if that step measured none."""
         return self.last if self.last_step == step else None

@@ -89,9 +89,10 @@ class CELoRACallback(TrainerCallback):
                 "CELoRACallback(model, resume_from='<the checkpoint folder>') if it lives elsewhere")
         load_celora_state_dict(self.model, torch.load(path, map_location="cpu", weights_only=True))
 
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        # The Trainer's data-parallel group is the world (DDP or DeepSpeed; no TP).
-        on_optimizer_step(self.model)
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        # The Trainer's data-parallel group is the world (DDP or DeepSpeed; no TP). With
+        # fp16=True accelerate's optimizer says whether its loss scaler skipped the step.
+        on_optimizer_step(self.model, skipped=bool(getattr(optimizer, "step_was_skipped", False)))
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"

@@ -132,6 +132,10 @@ class BackendChoice:
     def pending_statistics(self) -> Tensor | None:
         return self._pending
 
+    def discard(self) -> None:
+        """Drop a pending measurement (its step was skipped): the next approximate backward re-measures."""
+        self._pending = None
+
     def load_synced(self, stats: Tensor) -> None:
         self._pending = stats.detach().to("cpu", torch.float32)
 

@@ -14,6 +14,11 @@ the call every caller makes, with the same arguments on every backend:
 - an exact layer passes ``selected=None`` and LoRA's (s·G B, A);
 - the vocab-sparse LM head passes neither low-rank factor.
 
+Mixed precision: W0, left and right may come in another float dtype than G (fp32 master
+weights with a bf16/fp16 G under autocast, ``celora_dist/precision.py``). The result is
+in G's dtype and they enter as if cast to it — only the gathered rows of W0 are cast,
+never a full copy of W0 on the approximate path; GEMMs accumulate in fp32.
+
 The Triton kernel (``celora_dist/kernels/amm_triton.py``), its tests and
 ``bench/layer_backward.py`` implement and time exactly this signature.
 """
@@ -52,11 +57,15 @@ def celora_grad_input(
 
     selected: sorted integer tensor of kept output features, or None (dense ``G @ W0``).
     left (T, j), right (j, n): the low-rank term, or both None.
-    Matmuls run in the input dtype; torch accumulates bf16/fp16 GEMMs in fp32.
+    Matmuls run in G's dtype (W0, left, right of another dtype are cast to it, see the module
+    docstring); torch accumulates bf16/fp16 GEMMs in fp32.
     """
     check_grad_input_shapes(grad_output, weight, left, right)
+    dtype = grad_output.dtype
+    if left is not None:
+        left, right = _as(left, dtype), _as(right, dtype)
     if selected is None:
-        out = grad_output @ weight
+        out = grad_output @ _as(weight, dtype)
         return out if left is None else out.addmm_(left, right)
     selected = selected.long()  # torch.gather takes int64 only (the layer's indices already are)
     if grad_output.device.type == "cpu" and torch.get_num_threads() == 1:
@@ -78,9 +87,12 @@ def _one_gemm_over_gathered_buffers(G: Tensor, W: Tensor, selected: Tensor, left
     Without a low-rank term (the head) the buffers are just the gathered operands.
     """
     T, k, j = G.shape[0], selected.numel(), 0 if left is None else left.shape[1]
-    lhs, rhs = G.new_empty(T, k + j), W.new_empty(k + j, W.shape[1])
+    lhs, rhs = G.new_empty(T, k + j), G.new_empty(k + j, W.shape[1])
     torch.gather(G, 1, selected.expand(T, k), out=lhs[:, :k])
-    torch.index_select(W, 0, selected, out=rhs[:k])
+    if W.dtype == G.dtype:
+        torch.index_select(W, 0, selected, out=rhs[:k])
+    else:  # fp32 master weight: only the k gathered rows are cast
+        rhs[:k].copy_(W.index_select(0, selected))
     if j:
         lhs[:, k:].copy_(left)
         rhs[k:].copy_(right)
@@ -99,12 +111,16 @@ def _gathered_then_added(G: Tensor, W: Tensor, selected: Tensor, left: Tensor | 
     1.79x); half precision keeps the single GEMM, as an intermediate bf16/fp16 output would
     add a coarse rounding.
     """
-    G_I, W_I = G.index_select(1, selected), W.index_select(0, selected)
+    G_I, W_I = G.index_select(1, selected), _as(W.index_select(0, selected), G.dtype)
     if left is None:
         return G_I @ W_I
     if G.dtype == torch.float32:
         return (G_I @ W_I).addmm_(left, right)
-    return torch.cat([G_I, left.to(G_I.dtype)], dim=1) @ torch.cat([W_I, right.to(W_I.dtype)], dim=0)
+    return torch.cat([G_I, left], dim=1) @ torch.cat([W_I, right], dim=0)
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 _SCORE_BLOCK_ELEMS = 1 << 19  # fp32 elements per row block of gradient_scores (2 MiB)

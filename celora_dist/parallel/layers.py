@@ -46,7 +46,8 @@ from torch import Tensor, nn
 
 from ..config import num_kept
 from ..factors import residual_row_sq
-from ..layer import CELoRALinear, _CELoRAFunction, add_lora_output
+from ..layer import CELoRALinear, _CELoRAFunction, add_lora_output, save_context
+from ..precision import autocast_off, cast, compute_dtype
 from ..selection import next_adaptive_k, topk_indices
 from ..zero import is_partitioned
 from .comm import ReduceGradOverTP, all_gather_cat, all_reduce_many, broadcast_, group_rank, group_size
@@ -86,15 +87,19 @@ class _RowFunction(_CELoRAFunction):
     @staticmethod
     def forward(ctx, x, xd, weight, bias, lora_A, lora_B, B0, A0, layer):
         s = layer.scaling
-        done = all_reduce_many({"y": F.linear(x, weight), "xA": F.linear(xd, lora_A)}, layer.tp_group)
-        y, xA = done["y"], done["xA"].clone()  # saved: must not pin the T×m buffer
-        if bias is not None:
-            y = y + bias
-        y = add_lora_output(y, xA, lora_B, s)  # in place: y is this forward's own buffer
-        ctx.layer = layer
-        ctx.fused = xd is x
-        ctx.x_shape = x.shape
-        ctx.save_for_backward(xd, weight, lora_A, lora_B, B0, A0, xA)
+        dtype = compute_dtype(x)  # autocast's rule, as in the base class
+        fused = xd is x
+        with autocast_off(x):
+            xc = cast(x, dtype)
+            xdc = xc if fused else cast(xd, dtype)
+            done = all_reduce_many({"y": F.linear(xc, cast(weight, dtype)),
+                                    "xA": F.linear(xdc, cast(lora_A, dtype))}, layer.tp_group)
+            y, xA = done["y"], done["xA"].clone()  # saved: must not pin the T×m buffer
+            if bias is not None:
+                y = y + cast(bias, dtype)
+            y = add_lora_output(y, xA, cast(lora_B, dtype), s)  # in place: y is this forward's own buffer
+        save_context(ctx, layer, x, xd, lora_A, lora_B, fused)
+        ctx.save_for_backward(xdc, weight, lora_A, lora_B, B0, A0, xA)
         return y
 
 
