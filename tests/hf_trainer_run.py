@@ -38,6 +38,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--resume", default=None)
     p.add_argument("--deepspeed", default=None, help="HF-style DeepSpeed JSON (the accelerate plugin's)")
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--bf16", action="store_true", help="TrainingArguments(bf16=True): CPU autocast")
     return p.parse_args()
 
 
@@ -66,13 +67,15 @@ def main() -> None:
                   save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
                   report_to=[], seed=0, data_seed=0,
                   ddp_backend="gloo" if "LOCAL_RANK" in os.environ else None, lr_scheduler_type="constant",
-                  disable_tqdm=True, deepspeed=args.deepspeed)
+                  disable_tqdm=True, deepspeed=args.deepspeed, bf16=args.bf16)
+    if args.bf16:
+        common["use_cpu"] = True
     # The order TRL's docs use: training arguments first, then the model. Under the accelerate
     # DeepSpeed plugin with ZeRO-3 that loads the model already partitioned (zero.Init).
     if args.trainer == "sft":
         from trl import SFTConfig, SFTTrainer
 
-        targs = SFTConfig(**common, max_length=48, packing=args.packing, bf16=False)
+        targs = SFTConfig(**common, max_length=48, packing=args.packing)
     else:
         targs = TrainingArguments(**common)
     model = AutoModelForCausalLM.from_pretrained(Path(args.assets) / "tiny-llama")
@@ -91,6 +94,9 @@ def main() -> None:
                           "approximate": layer.selected is not None and not layer.refresh_due(),
                           "layer_step": layer.step})
 
+    output_dtypes = set()  # what the CE-LoRA layers computed in during training (autocast: bf16)
+    list(layers.values())[-1].register_forward_hook(
+        lambda module, inputs, output: output_dtypes.add(str(output.dtype)) if module.training else None)
     callbacks = [Recorder()] + ([] if args.no_callback else [callback])
     if args.trainer == "sft":
         data = Dataset.from_list(chat_rows(64))
@@ -121,6 +127,7 @@ def main() -> None:
         "telemetry": celora_dist.telemetry(model),
         "global_step": trainer.state.global_step,
         "partitioned_at_load": partitioned_at_load,
+        "train_output_dtypes": sorted(output_dtypes),
     }
     (out / f"record-rank{rank}.json").write_text(json.dumps(record))
 

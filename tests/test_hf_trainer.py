@@ -7,6 +7,7 @@ whether the backward was exact (refresh step) or approximate, and the final sche
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -143,6 +144,19 @@ def test_plain_trainer_driven_and_undriven(assets, tmp_path):
     record = run(assets, tmp_path / "undriven", "--trainer", "plain", "--no-callback", "--micro", "1", "--steps", "66")
     assert "UndrivenScheduleWarning" in record["stderr"] and "callbacks=[callback]" in record["stderr"]
     assert all(s["refresh"] and not s["approximate"] for s in record["steps"])  # what it warns about
+
+
+def test_plain_trainer_bf16_autocast_approximates_and_lowers_the_loss(assets, tmp_path):
+    """Trainer(bf16=True) on the CPU (autocast, fp32 master weights) with the callback: the layers
+    compute in bf16, the schedule refreshes and approximates, and the loss falls."""
+    record = run(assets, tmp_path, "--trainer", "plain", "--bf16", "--refresh", "2", "--steps", "8",
+                 "--lr", "1e-2")
+    assert record["train_output_dtypes"] == ["torch.bfloat16"]
+    assert [s["global_step"] for s in record["steps"] if s["refresh"]] == [0, 2, 4, 6]
+    assert all(s["approximate"] for s in record["steps"] if not s["refresh"])
+    losses = record["losses"]
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
 
 
 TWO_RANK_FLAGS = ["--trainer", "sft", "--steps", "3", "--refresh", "100", "--micro", "2"]

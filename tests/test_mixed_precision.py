@@ -185,3 +185,64 @@ def test_models_train_under_autocast_with_refresh_and_approximate_steps(how, dty
     assert all(a for r, a, _ in record if not r)  # every step between refreshes approximated
     losses = [loss for _, _, loss in record]
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0] - 0.1
+
+
+def _fp16_scaled_run(overflow_at: int | None, steps: int = 5):
+    """AdamW behind accelerate's AcceleratedOptimizer with a CPU GradScaler (HF ``fp16=True``),
+    driven by the Trainer callback; an extra overflowing step (loss × inf) before step
+    ``overflow_at``. Returns (schedule state, LoRA weights, what the overflowing step left)."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from celora_dist import celora_state_dict
+    from celora_dist.integrations.hf_trainer import CELoRACallback
+
+    torch.manual_seed(0)
+    model = inject_celora(tiny_llama(), CELoRAConfig(r=4, alpha=8, r0=4, refresh_every=2), verbose=False).train()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = AcceleratedOptimizer(torch.optim.AdamW(params, lr=1e-2), scaler=scaler)
+    callback = CELoRACallback(model)
+    layer = [m for _, m in celora_layers(model) if not m.is_exact][-1]
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 128, (2, 16), generator=g) for _ in range(steps)]
+    seen = {}
+
+    def step(ids, factor=1.0):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(input_ids=ids, labels=ids).loss * factor
+        scaler.scale(loss).backward()
+        if factor != 1.0:
+            seen["refresh"] = layer.refresh_due()
+            seen["finite_scores"] = bool(torch.isfinite(layer.pending_scores).all())
+        opt.step()
+        if factor != 1.0:
+            seen["skipped"] = opt.step_was_skipped
+        opt.zero_grad()
+        callback.on_optimizer_step(None, None, None, optimizer=opt)
+
+    for i, ids in enumerate(batches):
+        if i == overflow_at:
+            step(ids, factor=float("inf"))
+        step(ids)
+    return celora_state_dict(model), [p.detach().clone() for p in params], seen
+
+
+def test_fp16_loss_scaler_skipped_step_does_not_advance_or_corrupt_the_schedule():
+    """HF ``fp16=True``: a step the scaler skips (inf/NaN grads) leaves the CE-LoRA schedule as if
+    it never happened — its inf scores are dropped and the refresh step is repeated."""
+    from accelerate import Accelerator
+
+    Accelerator(cpu=True)  # AcceleratedOptimizer reads the accelerator state
+    clean_state, clean_weights, _ = _fp16_scaled_run(None)
+    state, weights, seen = _fp16_scaled_run(overflow_at=2)
+    assert seen == {"refresh": True, "finite_scores": False, "skipped": True}  # the hazard was real
+    for name, entry in clean_state.items():
+        assert state[name]["step"] == entry["step"] == 5, name
+        if entry["selected"] is None:
+            assert state[name]["selected"] is None, name
+        else:
+            assert torch.equal(state[name]["selected"], entry["selected"]), name
+    # gradients scaled by 2^8 and 2^7 unscale to the same values (powers of two are exact in fp16
+    # but for subnormals), so AdamW takes the same steps
+    for a, b in zip(weights, clean_weights):
+        assert rel(a, b) < 1e-3

@@ -334,6 +334,44 @@ def _model_worker(rank: int, out_dir: str, tp_group, dp_group) -> None:
         torch.save(rec, Path(out_dir) / f"model_{mode}_rank{rank}.pt")
 
 
+AUTOCAST_STEPS = 3  # refresh, approximate, refresh (refresh_every=2)
+AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _autocast_steps(model, ids, dtype, dp_group=None):
+    """SGD steps with the forward under CPU autocast; per step the loss, the LoRA gradients of step 0
+    (gathered to PEFT shapes at TP=2), the logits dtype and whether the step approximated."""
+    gather = dp_group is not None
+    opt, rec = _sgd(model), {"loss": [], "approximate": [], "logits_dtype": None}
+    some_layer = next(layer for _, layer in celora_layers(model) if not layer.is_exact)
+    for step in range(AUTOCAST_STEPS):
+        rec["approximate"].append(some_layer.selected is not None and not some_layer.refresh_due())
+        with torch.autocast("cpu", dtype=dtype):
+            out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        rec["loss"].append(out.loss.detach().float())
+        rec["logits_dtype"] = out.logits.dtype
+        if step == 0:
+            rec["grads"] = (gather_lora_state_dict(model, grads=True) if gather else
+                            {f"base_model.model.{n}.lora_{ab}.weight": getattr(l, f"lora_{ab}").weight.grad.clone()
+                             for n, l in celora_layers(model) for ab in "AB"})
+            rec["grad_dtypes"] = {str(p.grad.dtype) for p in model.parameters() if p.grad is not None}
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        on_optimizer_step(model, dp_group)
+    return rec
+
+
+def _autocast_worker(rank: int, out_dir: str, tp_group, dp_group) -> None:
+    """The TP=2 model (column and row layers) trained under bf16 and fp16 autocast."""
+    rec = {}
+    for dtype in AUTOCAST_DTYPES:
+        model, ids = _build_model("celora")
+        parallelize_celora(model, tp_group)
+        rec[str(dtype)] = _autocast_steps(model, ids, dtype, dp_group)
+    torch.save(rec, Path(out_dir) / f"autocast_rank{rank}.pt")
+
+
 def _config_path_worker(rank: int, out_dir: str, tp_group) -> None:
     """parallelize_celora(cfg=...) on plain linears vs inject_celora (TP=1), same RNG."""
     cfg = _model_cfg("celora")
@@ -367,6 +405,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     tp_group, dp_group = _init(rank, port)
     _layer_worker(rank, out_dir, tp_group, dp_group)
     _model_worker(rank, out_dir, tp_group, dp_group)
+    _autocast_worker(rank, out_dir, tp_group, dp_group)
     _config_path_worker(rank, out_dir, tp_group)
     dist.destroy_process_group()
 
@@ -460,6 +499,29 @@ def test_tp2_equals_tp1_losses_grads_and_selection(model_runs, mode):
         logits = model(input_ids=ids).logits
     for run in ranks:
         _close(run["logits"], logits, tol=1e-4, what=f"{mode} logits")
+
+
+# bf16 / fp16 against the TP=1 model under the same autocast on the exact first step: both
+# round differently (sharded sums), so relative to each tensor's max magnitude, 3e-2 / 4e-3
+# (8 and 4 units of the dtype's epsilon); a mis-cast or mis-reduced gradient is off by O(1).
+AUTOCAST_TOL = {str(torch.bfloat16): 3e-2, str(torch.float16): 4e-3}
+
+
+@pytest.mark.parametrize("dtype", [str(d) for d in AUTOCAST_DTYPES])
+def test_tp2_trains_under_autocast(model_runs, dtype):
+    """Column and row TP layers under autocast: logits in the autocast dtype, fp32 LoRA gradients,
+    the exact first step equal to TP=1 under the same autocast, then approximate steps, finite losses."""
+    ranks = [torch.load(model_runs / f"autocast_rank{r}.pt")[dtype] for r in range(WORLD)]
+    model, ids = _build_model("celora")
+    ref = _autocast_steps(model, ids, getattr(torch, dtype.split(".")[1]))
+    tol = AUTOCAST_TOL[dtype]
+    for run in ranks:
+        assert str(run["logits_dtype"]) == dtype and run["grad_dtypes"] == {"torch.float32"}
+        assert run["approximate"] == ref["approximate"] == [False, True, False]
+        assert all(math.isfinite(float(v)) for v in run["loss"])
+        _close(run["loss"][0], ref["loss"][0], tol=tol, what=f"{dtype} loss")
+        for key, grad in ref["grads"].items():
+            _close(run["grads"][key], grad, tol=tol, what=f"{dtype} {key}")
 
 
 def test_tp_adapter_export_loads_in_peft(model_runs):
