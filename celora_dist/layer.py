@@ -13,6 +13,7 @@ The dX itself is one call of the op contract ``grad_input(G, W0, I, left, right)
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, fields
 from typing import Any, Iterator
 
@@ -423,6 +424,7 @@ class CELoRALinear(ScheduledModule, nn.Module):
         if self._pending_colsq is not None:
             ref_sq = self.error.ref_sq
             self.error.finish(self.step)
+            self._pending_colsq, ref_sq = finite_scores(self._pending_colsq, ref_sq, self.name, self.step)
             self.set_selected(self._next_selection(ref_sq))
             self._pending_colsq = None
             if self.adaptive:
@@ -515,6 +517,30 @@ class CELoRALinear(ScheduledModule, nn.Module):
         if self.adaptive:
             mode += f", error_budget={self.error_budget}"
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, {mode}"
+
+
+_warned_nonfinite = False
+
+
+def finite_scores(colsq: Tensor, ref_sq: float, name: str, step: int) -> tuple[Tensor, float]:
+    """A refresh step's scores with inf/NaN made harmless, so selection always gets k indices.
+
+    Non-finite gradients on a step the optimizer still applied (fp16 without a loss scaler,
+    or a diverging run the trainer's NaN guard stops next) would otherwise make top-k return
+    fewer than k indices and fail the step. NaN scores rank last, inf ones first; an unusable
+    ‖dX‖² (adaptive keep) counts as unmeasured. The same rule on every rank, so the
+    collectives of selection stay aligned. Warned once per process.
+    """
+    global _warned_nonfinite
+    if bool(torch.isfinite(colsq).all()) and math.isfinite(ref_sq):
+        return colsq, ref_sq
+    if not _warned_nonfinite:
+        _warned_nonfinite = True
+        warnings.warn(f"CE-LoRA: {name or 'a layer'}: non-finite gradient scores on refresh step {step} "
+                      "(inf/NaN gradients: fp16 without a loss scaler?); NaN features rank last, inf first",
+                      RuntimeWarning, stacklevel=3)
+    big = torch.finfo(colsq.dtype).max
+    return torch.nan_to_num(colsq, nan=0.0, posinf=big, neginf=0.0), (ref_sq if math.isfinite(ref_sq) else 0.0)
 
 
 def _trainable_linear(weight: Tensor) -> nn.Linear:

@@ -150,20 +150,24 @@ def test_vocab_sparse_head_under_autocast(dtype):
     assert rel(dH.reshape(expected.shape), expected) < VS_FORMULA[dtype]
 
 
-def _train_steps(model, dtype, steps=6):
-    """A few AdamW steps on one batch under autocast; per step: (refresh, approximate, loss)."""
+def _train_steps(model, dtype, steps=6, autocast=True):
+    """A few optimizer steps on one batch, under autocast or on half weights; per step:
+    (refresh, approximate, loss). Half weights train with SGD: AdamW's eps = 1e-8 is 0 in fp16
+    (pure-fp16 AdamW diverges for PEFT's LoRA alike)."""
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2) if autocast else torch.optim.SGD(params, lr=0.1)
+    grad_dtype = torch.float32 if autocast else dtype
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     layer = [m for _, m in celora_layers(model) if not m.is_exact][-1]
     record = []
     for _ in range(steps):
         refresh, approximate = layer.refresh_due(), layer.selected is not None and not layer.refresh_due()
-        with torch.autocast("cpu", dtype=dtype):
+        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
             out = model(input_ids=ids, labels=ids)
         assert out.logits.dtype == dtype
         out.loss.backward()
-        assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+        assert all(p.grad.dtype == p.dtype for p in params)
         opt.step()
         opt.zero_grad()
         on_optimizer_step(model)
@@ -180,7 +184,22 @@ def test_models_train_under_autocast_with_refresh_and_approximate_steps(how, dty
         inject_celora(model, cfg, verbose=False)
     else:
         model, _ = for_trainer(model, cfg, verbose=False, factor_cache=None)
-    record = _train_steps(model, dtype)
+    _check_trains(_train_steps(model, dtype))
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("how", ["inject_celora", "for_trainer"])
+def test_models_with_half_weights_train_without_autocast(how, dtype):
+    cfg = CELoRAConfig(r=4, alpha=8, r0=4, refresh_every=2, head_keep=0.5)
+    model = tiny_llama().to(dtype)
+    if how == "inject_celora":
+        inject_celora(model, cfg, verbose=False)
+    else:  # PEFT keeps its adapter weights in fp32 over a half base (autocast_adapter_dtype)
+        model, _ = for_trainer(model, cfg, verbose=False, factor_cache=None)
+    _check_trains(_train_steps(model, dtype, autocast=False))
+
+
+def _check_trains(record):
     assert [r for r, _, _ in record] == [True, False] * 3
     assert all(a for r, a, _ in record if not r)  # every step between refreshes approximated
     losses = [loss for _, _, loss in record]
@@ -246,3 +265,19 @@ def test_fp16_loss_scaler_skipped_step_does_not_advance_or_corrupt_the_schedule(
     # but for subnormals), so AdamW takes the same steps
     for a, b in zip(weights, clean_weights):
         assert rel(a, b) < 1e-3
+
+
+def test_non_finite_refresh_scores_still_select_k_features():
+    """inf/NaN gradients on a refresh step (fp16 without a scaler) must not break selection:
+    NaN features rank last, inf first, one warning."""
+    import celora_dist.layer as layer_module
+
+    layer = make_layer(keep=0.5, refresh_every=3)
+    grad = torch.randn(4, 48)
+    grad[0, 3], grad[1, 7] = float("nan"), float("inf")
+    layer_module._warned_nonfinite = False
+    layer(torch.randn(4, 40, requires_grad=True)).backward(grad)
+    with pytest.warns(RuntimeWarning, match="non-finite gradient scores"):
+        on_optimizer_step(layer)
+    assert layer.selected.numel() == layer.k
+    assert 7 in layer.selected.tolist() and 3 not in layer.selected.tolist()
