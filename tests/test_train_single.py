@@ -115,6 +115,8 @@ def _bad_inputs(assets, tmp):
     mismatch.write_text(json.dumps({"train_batch_size": 12, "zero_optimization": {"stage": 2}}))
     mb_clash = tmp / "mb_clash.json"
     mb_clash.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}}))
+    lamb = tmp / "lamb.json"
+    lamb.write_text(json.dumps({"optimizer": {"type": "Lamb", "params": {"lr": "auto"}}, "zero_optimization": {"stage": 2}}))
     empty_dir = tmp / "no_ckpt"
     empty_dir.mkdir(exist_ok=True)
     chat = tmp / "chat.jsonl"
@@ -135,6 +137,8 @@ def _bad_inputs(assets, tmp):
          r"batch-size mismatch: .*train_batch_size = 12, but micro-batch 4 x grad-accum 1 x 1"),
         ("micro-batch clash", base + ["--deepspeed_config", str(mb_clash), "--micro-batch", "4"],
          r"batch-size mismatch: --micro-batch 4 but .* train_micro_batch_size_per_gpu = 2"),
+        ("optimizer we do not build", base + ["--deepspeed_config", str(lamb)],
+         r"lamb\.json: optimizer\.type = 'lamb': the trainer builds torch AdamW itself"),
         ("resume without checkpoint", base + ["--resume", str(empty_dir)], r"--resume .*no_ckpt: no checkpoint there"),
         ("keep above 1", base + ["--keep", "v_proj=1.5"], r"--keep v_proj=1.5: keep must be in \(0, 1\]"),
         ("keep zero", base + ["--keep", "o_proj=0"], r"--keep o_proj=0: keep must be in \(0, 1\]"),

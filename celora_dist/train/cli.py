@@ -88,13 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: 1 epoch; 30 for the embedded default)")
     g.add_argument("--epochs", type=float, default=None, help="epochs over --data (alternative to --max-steps)")
-    g.add_argument("--lr", type=float, default=2e-4)
-    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine")
-    g.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
-    g.add_argument("--weight-decay", type=float, default=0.0)
+    # None = not typed: the DeepSpeed config's optimizer/scheduler values, else the default in the help
+    # (a typed flag that contradicts the file is refused; train/ds_sections.py).
+    g.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: the DeepSpeed config's optimizer lr, else 2e-4)")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
+                   help="after the warm-up (default: the DeepSpeed config's scheduler type, else cosine)")
+    g.add_argument("--warmup", type=int, default=None,
+                   help="linear warm-up steps (default: the DeepSpeed config's warmup_num_steps, else 0)")
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help="AdamW weight decay (default: the DeepSpeed config's optimizer weight_decay, else 0)")
     g.add_argument("--micro-batch", type=int, default=None, help="examples per rank per micro-step (default 4)")
     g.add_argument("--grad-accum", type=int, default=None, help="micro-steps per optimizer step (default 1)")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
+    g.add_argument("--max-grad-norm", type=float, default=None,
+                   help="gradient clipping, 0 = off (default: the DeepSpeed config's gradient_clipping, else 1.0)")
     g.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 if the DeepSpeed config enables it, else fp32")
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--seed", type=int, default=0)
@@ -210,7 +217,7 @@ def celora_config_from_args(args: argparse.Namespace) -> CELoRAConfig:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check the flags; fills ``args.celora`` (CELoRAConfig) and ``args.embedded``."""
     args = build_parser().parse_args(argv)
-    may_be_zero = ("r0", "svd_oversample", "svd_niter")
+    may_be_zero = ("r0", "svd_oversample", "svd_niter", "warmup")
     for flag in ("micro_batch", "grad_accum", "max_steps", "seq_len", "r", "refresh_every", "tp", *may_be_zero):
         value = getattr(args, flag)
         if value is not None and value < (0 if flag in may_be_zero else 1):
@@ -222,7 +229,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UsageError(f"--epochs must be positive, got {args.epochs}")
     if not (0.0 < args.eval_fraction < 1.0):
         raise UsageError(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
-    if args.lr <= 0:
+    if args.lr is not None and args.lr <= 0:
         raise UsageError(f"--lr must be positive, got {args.lr}")
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")

@@ -3,7 +3,8 @@ start torch.distributed through DeepSpeed and build the engine.
 
 The config is checked before anything is launched: unknown keys (top level and
 ``zero_optimization``), batch sizes that do not multiply out, and values the CLI
-contradicts are reported with the file name.
+contradicts are reported with the file name. HF/axolotl-style optimizer and scheduler
+sections become the trainer's own AdamW + schedule settings (ds_sections.py).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import socket
 import sys
 from typing import Any, NoReturn
 
+from .ds_sections import resolve_optim_sections
 from .errors import UsageError, load_mapping
 from .parallel import resolve_tp
 
@@ -79,9 +81,6 @@ def resolve_ds_config(path: str, args, world_size: int) -> dict[str, Any]:
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise UsageError(f"{where}: zero_optimization.stage must be 0-3, got {stage!r}")
-    if "optimizer" in cfg or "scheduler" in cfg:
-        raise UsageError(f"{where}: remove the optimizer/scheduler sections; the trainer builds AdamW "
-                         f"and the schedule from --lr/--lr-schedule/--warmup")
     tp = resolve_tp(cfg, args, world_size, where)  # sets args.tp; TP + ZeRO-3 refused here
     dp_size = world_size // tp  # DeepSpeed's batch arithmetic counts data-parallel ranks
     ranks = "rank(s)" if tp == 1 else f"data-parallel rank(s) (TP {tp})"
@@ -121,8 +120,7 @@ def resolve_ds_config(path: str, args, world_size: int) -> dict[str, Any]:
         # config has no mpu yet): leave it out and let DeepSpeed derive its own (logs only;
         # gradients are averaged over the DP group, the data is split over the DP group).
         del out["train_batch_size"]
-    if out.get("gradient_clipping", "auto") == "auto":
-        out["gradient_clipping"] = args.max_grad_norm
+    filled, built = resolve_optim_sections(out, args, where)  # also gradient_clipping
     bf16 = out.setdefault("bf16", {})
     if bf16.get("enabled", "auto") == "auto":
         args.dtype = args.dtype or "fp32"
@@ -131,12 +129,35 @@ def resolve_ds_config(path: str, args, world_size: int) -> dict[str, Any]:
         args.dtype = "bf16" if bf16["enabled"] else "fp32"
     elif bool(bf16["enabled"]) != (args.dtype == "bf16"):
         raise UsageError(f"{where}: bf16.enabled = {bf16['enabled']} contradicts --dtype {args.dtype}")
-    if out.get("fp16", {}).get("enabled") is True:
+    fp16 = out.get("fp16", {})
+    if fp16.get("enabled") == "auto":  # follows --dtype, which has no fp16
+        fp16["enabled"] = False
+        filled.append(f"fp16.enabled=false (--dtype {args.dtype})")
+    if fp16.get("enabled") is True:
         raise UsageError(f"{where}: fp16 is not supported; use --dtype bf16")
+    # HF sizes reduce_bucket_size / stage3_prefetch_bucket_size / stage3_param_persistence_threshold
+    # from the model's hidden size; the trainer has no model yet. DeepSpeed's own config models
+    # drop an "auto" value (its default then): done here so that the note can say so.
+    filled += [f"zero_optimization.{key}=DeepSpeed's default" for key in _drop_auto(out.get("zero_optimization", {}))]
+    if (filled or built) and int(os.environ.get("RANK", "0")) == 0:
+        parts = ([f"\"auto\" filled: {', '.join(filled)}"] if filled else []) + ([built] if built else [])
+        print(f"note: {where}: " + "; ".join(parts), flush=True)
     out["zero_allow_untested_optimizer"] = True  # our AdamW is a plain torch optimizer
     out.setdefault("steps_per_print", 10 ** 9)  # the trainer prints its own progress
     out.setdefault("wall_clock_breakdown", False)
     return out
+
+
+def _drop_auto(section: dict[str, Any], prefix: str = "") -> list[str]:
+    """Remove every "auto" value of ``section`` (nested too); their dotted keys."""
+    dropped = []
+    for key, value in list(section.items()):
+        if value == "auto":
+            del section[key]
+            dropped.append(prefix + key)
+        elif isinstance(value, dict):
+            dropped += _drop_auto(value, f"{prefix}{key}.")
+    return dropped
 
 
 def _free_port() -> int:
@@ -260,19 +281,27 @@ def sync_lr_after_resume(scheduler) -> None:
         group["lr"] = base * fn(scheduler.last_epoch)
 
 
+def build_optimizer(params, args, total_steps: int):
+    """(torch AdamW, LambdaLR) from the settled args: lr, weight_decay, adam_betas, adam_eps,
+    lr_schedule, warmup (the flags and the config's optimizer/scheduler sections, ds_sections.py).
+    A plain torch optimizer on purpose: DeepSpeed's fused Adam is a JIT-compiled op (not on CPU)."""
+    import torch
+
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=args.adam_betas,
+                                  eps=args.adam_eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.lr_schedule, args.warmup, total_steps))
+    return optimizer, scheduler
+
+
 def build_engine(model, ds_config: dict, args, total_steps: int):
     """deepspeed.initialize with a torch AdamW over the trainable (LoRA) parameters."""
     import deepspeed
-    import torch
 
     from ..layer import register_zero3_params
 
     if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
         register_zero3_params(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.lr_schedule, args.warmup, total_steps))
+    optimizer, scheduler = build_optimizer([p for p in model.parameters() if p.requires_grad], args, total_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     return engine, optimizer, scheduler
-
