@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .config import AUTO, EXACT, SCORE_MODES, SVDMethod, is_fraction, lora_scaling, num_kept
 from .factors import check_r0, double_lora_factors
 from .kernels import BackendChoice, grad_input, gradient_scores, implementation
+from .kernels.choice import measuring_step
 from .precision import autocast_off, cast, compute_dtype
 from .scheduled import UNDRIVEN_BACKWARDS, ScheduledModule, warn_undriven
 from .selection import RelErrorMeter, complement_of, next_adaptive_k, select_indices
@@ -350,7 +351,10 @@ class CELoRALinear(ScheduledModule, nn.Module):
         """
         choice, device = self.dx_choice, G.device
         choice.ensure_key(self.selected.numel())
-        if choice.wants_measurement(device.type):
+        # without synced indices k (so whether a rank measures) is per rank: measure only on the
+        # rank-independent measuring step, whose timings every rank all-reduces (pending_statistics)
+        may_measure = self.sync_indices or measuring_step(self.step, self.refresh_every)
+        if choice.wants_measurement(device.type, may_measure):
             B0_dropped = self._dropped_B0(B0) if A0.shape[0] > 0 else None
 
             def run(backend: str) -> Tensor:
@@ -399,7 +403,13 @@ class CELoRALinear(ScheduledModule, nn.Module):
 
     def pending_statistics(self) -> Tensor | None:
         """[refresh scores | error sums] on refresh steps, then the dX backends' measured
-        medians on a measuring step (both DP-summable); None when neither is pending."""
+        medians on a measuring step (both DP-summable); None when neither is pending.
+        Without ``sync_indices`` only the backend timings, as the fixed-size slot of
+        ``BackendChoice.slot`` on every measuring step (so ranks agree on the backend)."""
+        if not self.sync_indices:
+            if self.is_exact or not measuring_step(self.step, self.refresh_every):
+                return None
+            return self.dx_choice.slot(self.base_layer.weight.device)
         parts = []
         if self._pending_colsq is not None:
             sums = torch.tensor([self.error.err_sq, self.error.ref_sq], dtype=torch.float32,
@@ -411,6 +421,9 @@ class CELoRALinear(ScheduledModule, nn.Module):
         return torch.cat(parts) if parts else None
 
     def load_synced_statistics(self, stats: Tensor) -> None:
+        if not self.sync_indices:
+            self.dx_choice.load_synced_slot(stats)
+            return
         if self._pending_colsq is not None:
             m = self._pending_colsq.numel()
             self._pending_colsq = stats[:m]

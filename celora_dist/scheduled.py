@@ -11,7 +11,10 @@ Per optimizer step the driver calls, in this order:
 
 1. ``pending_statistics()`` on every module with ``sync_indices``: the step's
    data-parallel-summable statistics (refresh-step scores and error sums) as one
-   1-D fp32 tensor, or None when nothing is pending;
+   1-D fp32 tensor, or None when nothing is pending; in a distributed run also on
+   the modules without ``sync_indices``, whose vector then holds only what all
+   ranks must still agree on (a layer's backend timings) and must have the same
+   size on every rank whenever it is not None;
 2. ``load_synced_statistics(t)`` with the sum of those tensors over the DP group;
 3. ``finish_step()`` on every module: choose the next indices if this was a refresh
    step, publish the measured error, advance the step counter.
