@@ -5,7 +5,8 @@ must be set before triton itself is first imported (triton's own @jit helpers su
 tl.cdiv are decorated then), and other test modules import triton via peft first.
 A subprocess also keeps interpreted kernels out of every other test.
 The interpreter upcasts bf16 tiles to fp32 before ``tl.dot`` (its bf16 dot is wrong
-upstream), so bf16 is tested here too; fp32/fp16 run the same code path as on GPU.
+upstream), so bf16 is tested here too; fp32/fp16 run the same code path as on GPU
+(fp32 with an ieee dot: on a GPU fp32 runs only under TF32, amm_triton.kernel_supports).
 """
 from __future__ import annotations
 
@@ -70,6 +71,54 @@ def test_amm_matches_reference(kern, dtype, T, m, n, keep):
     k = {"one": 1, "half": m // 2, "all": m}[keep]  # "all": every feature kept, approximate path
     args = _problem(T, m, n, k, r0=5, r=3, dtype=dtype)
     _check(kern.amm.celora_grad_input_triton(**args), args, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T,m,n,k", [(37, 53, 29, 40), (6, 130, 70, 64)])
+def test_amm_half_gradient_with_fp32_weights(kern, dtype, T, m, n, k):
+    """Autocast's case: G in bf16/fp16, W0, left and right fp32 (master weights). The contract:
+    the fp32 operands are used as if cast to G's dtype, fp32 accumulation, output in G's dtype.
+
+    Reference: that formula written out in fp64 from the cast operands. Tolerance: the one
+    output rounding relative (half an fp16 ulp; a whole bf16 ulp, see below) plus
+    (k + j)·2^-24·Σ|terms| (fp32 accumulation; products of half-precision values are exact
+    in fp32). bf16 runs its tiles through fp32 in the interpreter (UPCAST) after the cast to
+    bf16, and the interpreter rounds fp32 -> bf16 toward zero (its cast drops the low bits;
+    a GPU rounds to nearest even): so the bf16 reference casts W0 by truncation here too, and
+    the output may be a whole ulp off.
+    """
+    args = _problem(T, m, n, k, r0=5, r=3, dtype=torch.float32, seed=7)
+    args["grad_output"] = args["grad_output"].to(dtype)
+    G, W, sel, left, right = (args[name] for name in ("grad_output", "weight", "selected", "left", "right"))
+    assert W.dtype == left.dtype == right.dtype == torch.float32
+    out = kern.amm.celora_grad_input_triton(**args)
+    assert out.dtype == dtype and out.shape == (T, n)
+
+    def formula(cast):
+        Wd = cast(W)
+        Gd, Ld, Rd = (t.to(dtype).double() for t in (G, left, right))  # torch casts left/right (RNE)
+        return Gd[:, sel] @ Wd[sel] + Ld @ Rd, Gd[:, sel].abs() @ Wd[sel].abs() + Ld.abs() @ Rd.abs()
+
+    if dtype == torch.float16:
+        ref, magnitude = formula(lambda t: t.half().double())
+        rtol = 2.0 ** -11
+    else:
+        ref, magnitude = formula(lambda t: (t.view(torch.int32) & ~0xFFFF).view(torch.float32).double())
+        rtol = 2.0 ** -7
+    atol = (k + 8) * 2.0 ** -24 * magnitude.max().item() + 2.0 ** -24
+    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
+    # the check can tell: fp32 weights used uncast would fail it
+    uncast, _ = formula(lambda t: t.double())
+    assert not torch.allclose(uncast.to(dtype).double(), ref, rtol=rtol, atol=atol)
+
+
+def test_amm_nothing_kept(kern):
+    """k = 0: only the low-rank term (or zeros); no W0 row is read."""
+    args = _problem(37, 53, 29, 0, r0=5, r=3, dtype=torch.float32, seed=8)
+    assert args["selected"].numel() == 0
+    _check(kern.amm.celora_grad_input_triton(**args), args, torch.float32)
+    bare = dict(args, left=None, right=None)
+    assert torch.equal(kern.amm.celora_grad_input_triton(**bare), torch.zeros(37, 29))
 
 
 @pytest.mark.parametrize("r0,r", [(0, 3), (5, 0), (0, 0)])
