@@ -120,7 +120,8 @@ def libcuda() -> tuple[str, str]:
     """Where Triton would look for libcuda (ldconfig's cache, LD_LIBRARY_PATH, its env override).
     Informational: the "triton driver utils" row is the test."""
     env = os.environ.get("TRITON_LIBCUDA_PATH")
-    in_path = [d for d in os.environ.get("LD_LIBRARY_PATH", "").split(":") if d and any(Path(d).glob("libcuda.so*"))]
+    dirs = os.environ.get("LD_LIBRARY_PATH", "").split(":")
+    in_path = [d for d in dirs if d and any(Path(d).glob("libcuda.so*"))]
     return "info", (f"find_library: {ctypes.util.find_library('cuda') or 'not found'}; LD_LIBRARY_PATH dirs "
                     f"with libcuda: {in_path or 'none'}; TRITON_LIBCUDA_PATH={env or 'unset'}")
 
