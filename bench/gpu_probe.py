@@ -131,7 +131,8 @@ def triton_toolchain() -> tuple[str, str]:
 
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     cache = os.environ.get("TRITON_CACHE_DIR", "~/.triton/cache (default)")
-    return "ok", f"triton {triton.__version__}; bundled ptxas {'present' if ptxas.exists() else 'absent'}; cache {cache}"
+    bundled = "present" if ptxas.exists() else "absent"
+    return "ok", f"triton {triton.__version__}; bundled ptxas {bundled}; cache {cache}"
 
 
 def torch_versions() -> tuple[str, str]:
