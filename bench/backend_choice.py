@@ -1,7 +1,7 @@
 """What the measured dX backend choice picks, per projection, on this machine.
 
     python bench/backend_choice.py                                   # CPU fp32, SmolLM2-135M shapes
-    python bench/backend_choice.py --device cuda --dtype bf16 --model llama-3.2-1b --seq-len 2048
+    python bench/backend_choice.py --device cuda --dtype bf16 --model llama-3.2-1b --seq-len 2048  # gpu.sh
 
 Under ``CELORA_KERNEL=auto`` every approximate CE-LoRA layer times exact dense dX, the torch
 gather path and (CUDA) Triton on its first approximate step and keeps the fastest, exact
@@ -18,11 +18,12 @@ import argparse
 import os
 import statistics
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ helpers, also when loaded by path
-from _common import machine_line, markdown_table  # noqa: E402
+from _common import machine_line, markdown_table, sync  # noqa: E402
 
 SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 COLUMNS = ["proj", "m", "n", "k", "T", "layers", "exact", "torch", "triton", "exact_ms", "torch_ms", "triton_ms",
@@ -76,17 +77,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     if a.model not in MODELS:
         p.error(f"--model must be one of {sorted(MODELS)}")
+    print(f"measured dX backend choice, model={a.model} T={a.seq_len} keep={a.keep}; "
+          f"{machine_line(a.device, a.dtype)}", flush=True)
+    # The rows come out of one measuring step, so they print together at its end; the "# ..."
+    # lines say, as each phase finishes, how far a run cut off by a time limit got.
+    t0 = time.perf_counter()
     model = build_model(a.model, DTYPES[a.dtype], a.device)
     model.enable_input_require_grads()  # the first block's projections run dX too
     inject_celora(model, CELoRAConfig(keep={name: a.keep for name in SEVEN}, exact=()), verbose=False)
     ids = torch.randint(0, model.config.vocab_size, (1, a.seq_len), generator=torch.Generator().manual_seed(0))
     ids = ids.to(a.device)
-    for _ in range(2):  # refresh step 0 (indices), measuring step 1 (backends)
+    print(f"# model built and CE-LoRA injected in {time.perf_counter() - t0:.1f} s", flush=True)
+    for step in ("refresh step 0 (indices)", "measuring step 1 (backends)"):
+        t0 = time.perf_counter()
         model(input_ids=ids, labels=ids).loss.backward()
         model.zero_grad(set_to_none=True)
         on_optimizer_step(model)
-    print(f"measured dX backend choice, model={a.model} T={a.seq_len} keep={a.keep}; "
-          f"{machine_line(a.device, a.dtype)}")
+        sync(a.device)
+        print(f"# {step} in {time.perf_counter() - t0:.1f} s", flush=True)
     rows = summarise(model, a.seq_len)
     print(markdown_table(rows, COLUMNS, FORMATS))
     print("exact/torch/triton: layers that chose it; *_ms: mean over those layers of each candidate's median "

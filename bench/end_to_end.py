@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import time
 
 import torch
-from _common import interleaved_medians, iqr, machine_line, markdown_table
+from _common import interleaved_medians, iqr, machine_line, markdown_table, sync
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -44,7 +45,9 @@ def build_model(name: str, dtype: torch.dtype, device: str) -> LlamaForCausalLM:
                       num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
                       tie_word_embeddings=True, max_position_embeddings=8192)
     torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+    with torch.device(device):  # initialised where it runs: LLaMA-3.2-1B draws 1.2e9 weights
+        model = LlamaForCausalLM(cfg)
+    return model.to(dtype=dtype)
 
 
 LORA_R = 16  # the PEFT baseline's rank (CE-LoRA's released r = 14 + r0 = 14 keeps its parameter budget)
@@ -142,14 +145,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
                "celora-auto": CELoRAConfig(keep="auto", error_budget=a.error_budget)}
     if a.head_keep is not None:
         methods["celora-released+head"] = CELoRAConfig(head_keep=a.head_keep)
+    # Progress lines ("# ...") are printed as each thing finishes, so a run cut off by a time
+    # limit still says how far it got and what each finished round measured.
     runners = {}
     for name, cfg in methods.items():
+        t0 = time.perf_counter()
         runners[name] = Runner(make_method(base, cfg), ids, a.device, a.gradient_checkpointing)
+        t1 = time.perf_counter()
         runners[name].step()  # warm-up; for CE-LoRA this is the exact refresh step 0
+        sync(a.device)
+        print(f"# {name}: built in {t1 - t0:.1f} s, warm-up step {time.perf_counter() - t1:.1f} s", flush=True)
     del base
 
     steps, fwds, bwds = ({n: [] for n in runners} for _ in range(3))
-    for _ in range(a.repeats):  # interleaved rounds; forward and backward timed separately
+    for r in range(a.repeats):  # interleaved rounds; forward and backward timed separately
         for name, runner in runners.items():
             t = interleaved_medians({"f": runner.forward}, 1, a.device, warmup=0)["f"]
             b = interleaved_medians({"b": runner.backward}, 1, a.device, warmup=0)["b"]
@@ -157,6 +166,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             fwds[name].append(t)
             bwds[name].append(b)
             steps[name].append(t + b)
+        print(f"# round {r + 1}/{a.repeats} step_ms: "
+              + " ".join(f"{n}={1e3 * steps[n][-1]:.1f}" for n in runners), flush=True)
     median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     tokens = a.batch * a.seq_len
     lora_step = median(steps["peft-lora-r16"])

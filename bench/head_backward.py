@@ -27,13 +27,19 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def logit_gradient(tokens: int, vocab: int, dtype, device, seed: int = 0) -> torch.Tensor:
-    """softmax − one-hot of Zipf-ish logits: the heavy-tailed shape of a real LM's G."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    rank_bias = -1.1 * torch.log1p(torch.arange(vocab, dtype=torch.float32))
-    logits = rank_bias[torch.randperm(vocab, generator=g)] + 2.0 * torch.randn(tokens, vocab, generator=g)
+    """softmax − one-hot of Zipf-ish logits: the heavy-tailed shape of a real LM's G.
+
+    Drawn on ``device``: at T = 4096 the Gemma head's logits are 1e9 fp32 numbers (4 GB),
+    which a CPU generator would make and copy over for every shape of the CUDA run."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    rank_bias = -1.1 * torch.log1p(torch.arange(vocab, dtype=torch.float32, device=device))
+    logits = rank_bias[torch.randperm(vocab, generator=g, device=device)]
+    logits = logits + 2.0 * torch.randn(tokens, vocab, generator=g, device=device)
     G = torch.softmax(logits, dim=-1)
-    G[torch.arange(tokens), torch.randint(0, vocab // 20, (tokens,), generator=g)] -= 1.0
-    return (G / tokens).to(device=device, dtype=dtype)
+    del logits
+    G[torch.arange(tokens, device=device),
+      torch.randint(0, vocab // 20, (tokens,), generator=g, device=device)] -= 1.0
+    return (G / tokens).to(dtype)
 
 
 def sparse_backward(G: torch.Tensor, W: torch.Tensor, w_row_sq: torch.Tensor, k: int) -> torch.Tensor:
@@ -41,12 +47,15 @@ def sparse_backward(G: torch.Tensor, W: torch.Tensor, w_row_sq: torch.Tensor, k:
 
 
 def run(shapes: list[str], keeps: list[float], tokens: int, dtype: str, device: str, repeats: int) -> list[dict]:
+    """All rows; each shape's rows are printed (after the header) as soon as it is measured,
+    so a run cut off by a time limit keeps the shapes it finished."""
     rows = []
     dt = DTYPES[dtype]
+    print(markdown_table([], COLUMNS, FORMATS), flush=True)
     for shape in shapes:
         vocab, hidden = SHAPES[shape]
-        g = torch.Generator(device="cpu").manual_seed(1)
-        W = (torch.randn(vocab, hidden, generator=g) * hidden ** -0.5).to(device=device, dtype=dt)
+        g = torch.Generator(device=device).manual_seed(1)
+        W = (torch.randn(vocab, hidden, generator=g, device=device) * hidden ** -0.5).to(dt)
         w_row_sq = W.float().pow(2).sum(1)
         G = logit_gradient(tokens, vocab, dt, device)
         exact = (G.float() @ W.float())
@@ -56,17 +65,21 @@ def run(shapes: list[str], keeps: list[float], tokens: int, dtype: str, device: 
             cases[keep] = (lambda k=k: sparse_backward(G, W, w_row_sq, k))
         med = interleaved_medians(cases, repeats, device)
         dense = med["dense"]
+        shape_rows = []
         for keep in keeps:
             k = num_kept(keep, vocab)
             approx = sparse_backward(G, W, w_row_sq, k).float()
             t = med[keep]
             ceiling = vocab / k
-            rows.append({
+            shape_rows.append({
                 "shape": shape, "V": vocab, "d": hidden, "T": tokens, "keep": keep, "k": k,
                 "dense_ms": 1e3 * dense, "sparse_ms": 1e3 * t, "speedup": dense / t,
                 "ceiling": ceiling, "of_ceiling": (dense / t) / ceiling,
                 "rel_err": float((approx - exact).norm() / exact.norm()),
             })
+        print("\n".join(markdown_table(shape_rows, COLUMNS, FORMATS).splitlines()[2:]), flush=True)
+        rows += shape_rows
+        del G, W, w_row_sq, exact, cases  # the next shape's G and W (up to 6 GB) need the room
     return rows
 
 
@@ -99,9 +112,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         p.error(f"unknown shape(s) {unknown}; choose from {list(SHAPES)}")
     keeps = [float(k) for k in a.keeps.split(",")]
     print(f"LM-head backward, {machine_line(a.device, a.dtype)}", flush=True)
-    rows = run(shapes, keeps, tokens, a.dtype, a.device, repeats)
-    print(markdown_table(rows, COLUMNS, FORMATS))
-    return rows
+    return run(shapes, keeps, tokens, a.dtype, a.device, repeats)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import argparse
 import math
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -51,13 +52,15 @@ def projection_shapes(model: str, scale: int = 1) -> list[tuple[str, int, int]]:
             ("gate", i, h), ("up", i, h), ("down", h, i)]
 
 
-def plan(shapes: str, tokens: list[int] | None) -> list[tuple[str, str, int, int, list[int]]]:
-    """(model, proj, m, n, token counts) rows; k and v share a shape, so v is timed once as k/v."""
+def plan(shapes: str, tokens: list[int] | None,
+         models: list[str] | None = None) -> list[tuple[str, str, int, int, list[int]]]:
+    """(model, proj, m, n, token counts) rows of ``models`` (default all); k and v share a
+    shape, so v is timed once as k/v."""
     if shapes == "smoke":
         return [("tiny", "up", 48, 32, tokens or [24]), ("tiny", "down", 32, 48, tokens or [24])]
     scale, default_tokens = (1, [2048, 4096, 8192, 16384]) if shapes == "llama" else (4, [2048])
     rows = []
-    for model in MODELS:
+    for model in models or MODELS:
         for proj, m, n in projection_shapes(model, scale):
             if proj in ("k", "v"):
                 if proj == "v":
@@ -73,10 +76,12 @@ def plan(shapes: str, tokens: list[int] | None) -> list[tuple[str, str, int, int
 def bench_case(m: int, n: int, T: int, keep: float, dtype: torch.dtype, device: torch.device,
                repeats: int, triton_fn: Callable | None) -> dict[str, float]:
     """Median seconds of each method for one (m, n, T, keep), methods interleaved per repeat."""
-    g = torch.Generator(device="cpu").manual_seed(0)
+    # Drawn on the device: from a CPU generator the full CUDA plan drew ~4.5e9 numbers on the
+    # host and copied every case over (issue 25); its largest G alone is 16384 x 14336.
+    g = torch.Generator(device=device).manual_seed(0)
 
     def rnd(*shape, std=1.0):
-        return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dtype)
+        return (torch.randn(*shape, generator=g, device=device) * std).to(dtype)
 
     G, W0 = rnd(T, m), rnd(m, n, std=m ** -0.5)
     B0, A0 = rnd(m, R0, std=0.1), rnd(R0, n, std=0.1)
@@ -84,7 +89,7 @@ def bench_case(m: int, n: int, T: int, keep: float, dtype: torch.dtype, device: 
     k = math.ceil(keep * m)
     sel = B0_dropped = None  # keep 1.0: the layer is exact (selected=None), as CELoRALinear runs it
     if k < m:
-        sel = torch.randperm(m, generator=g)[:k].sort().values.to(device)
+        sel = torch.randperm(m, generator=g, device=device)[:k].sort().values
         B0_dropped = B0.clone()
         B0_dropped[sel] = 0  # the layer caches it per selection
 
@@ -117,12 +122,21 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
     # CUDA, or any device under TRITON_INTERPRET=1 (slow; for checking this script on CPU)
     if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         from celora_dist.kernels.amm_triton import celora_grad_input_triton as triton_fn
-    print(markdown_table([], list(COLUMNS), FORMATS))  # the header; rows follow as measured
+    print(markdown_table([], list(COLUMNS), FORMATS), flush=True)  # the header; rows follow as measured
     rows = []
-    for model, proj, m, n, token_counts in plan(args.shapes, args.tokens):
+    for model, proj, m, n, token_counts in plan(args.shapes, args.tokens, args.models):
         for T in token_counts:
             for keep in args.keeps:
-                res = bench_case(m, n, T, keep, dtype, device, args.repeats, triton_fn)
+                try:
+                    res = bench_case(m, n, T, keep, dtype, device, args.repeats, triton_fn)
+                except Exception as e:  # noqa: BLE001  a failing kernel costs its column, not the table
+                    if triton_fn is None:
+                        raise
+                    traceback.print_exc()
+                    print(f"# triton failed at {model} {proj} T={T} keep={keep} ({type(e).__name__}: "
+                          f"{str(e).strip()[:200]}); triton columns empty from here on", flush=True)
+                    triton_fn = None
+                    res = bench_case(m, n, T, keep, dtype, device, args.repeats, triton_fn)
                 k = res["k"]
                 ceiling = m / (k + R0 + R) if k < m else 1.0
                 row = {"model": model, "proj": proj, "m": m, "n": n, "T": T, "keep": keep, "k": k,
@@ -162,6 +176,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--shapes", choices=("small", "llama"), default=None,
                    help="small: LLaMA shapes / 4 (CPU default); llama: full shapes (cuda default)")
+    p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=None,
+                   help="the models whose projection shapes are timed (default: all)")
     p.add_argument("--tokens", type=int, nargs="+", default=None, help="token counts T (default per --shapes)")
     p.add_argument("--keeps", type=float, nargs="+", default=list(KEEPS))
     p.add_argument("--repeats", type=int, default=None, help="default 5 (cpu), 20 (cuda)")

@@ -1,5 +1,6 @@
 """The benchmarks run at their smoke sizes and print well-formed tables: bench/layer_backward.py,
-bench/step_profile.py (tiny model), bench/pareto.py, bench/backend_choice.py and bench/gpu.sh (DEVICE=cpu).
+bench/step_profile.py (tiny model), bench/pareto.py, bench/backend_choice.py and bench/gpu.sh (DEVICE=cpu,
+--dry-run, a step cut off by its limit) with its probe bench/gpu_probe.py.
 
 No timing assertions (the machine is shared); the numbers must be finite and positive,
 the ratio columns must be the ratios of the printed times, and the profile's categories
@@ -181,29 +182,258 @@ def test_backend_choice_smoke(capsys, monkeypatch):
     assert "| q_proj |" in capsys.readouterr().out
 
 
-GPU_STEPS = ["layer", "head", "e2e", "e2e_ckpt", "backend", "paper"]
+GPU_STEPS = ["probe", "layer", "head", "e2e", "backend", "e2e_ckpt", "paper"]
+GPU_SH = ROOT / "bench" / "gpu.sh"
+
+
+def _dry_run(tmp_path, **env) -> dict[str, tuple[int, list[str]]]:
+    """bench/gpu.sh --dry-run as {step: (limit seconds, command argv)}."""
+    import re
+    import shlex
+
+    out = subprocess.run(["bash", str(GPU_SH), "--dry-run"], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "OUT": str(tmp_path / "never-written"), **env})
+    assert out.returncode == 0, out.stderr
+    assert not (tmp_path / "never-written").exists()
+    steps = {}
+    for line in out.stdout.splitlines():
+        m = re.fullmatch(r"\[gpu\.sh\] (\S+) \(limit (\d+)s\): (.*)", line)
+        if m:
+            steps[m[1]] = (int(m[2]), shlex.split(m[3]))
+    return steps
 
 
 def test_gpu_script_dry_run_lists_the_cuda_commands(tmp_path):
-    """bench/gpu.sh --dry-run: every step with its CUDA command and time limit, nothing run."""
-    out = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run"], capture_output=True,
-                         text=True, timeout=60, env={**os.environ, "OUT": str(tmp_path / "never-written")})
-    assert out.returncode == 0, out.stderr
-    for step in GPU_STEPS:
-        assert f"[gpu.sh] {step} (limit " in out.stdout
-    assert "--device cuda --dtype bf16" in out.stdout
-    assert not (tmp_path / "never-written").exists()
+    """bench/gpu.sh --dry-run: every step with its CUDA command and time limit, nothing run; the
+    limits fit the whole run's budget (< 8 minutes on the device machine), the probe comes first,
+    and the backend choice runs bf16 LLaMA-3.2-1B shapes at 2048 tokens."""
+    steps = _dry_run(tmp_path)
+    assert list(steps) == GPU_STEPS
+    assert sum(limit for limit, _ in steps.values()) <= 470
+    assert steps["probe"][1][1:] == ["bench/gpu_probe.py", "--device", "cuda"]
+    for step in ("layer", "head", "e2e", "backend", "e2e_ckpt"):
+        assert " --device cuda --dtype bf16 " in " ".join(steps[step][1]) + " ", step
+    backend = " ".join(steps["backend"][1])
+    assert "--model llama-3.2-1b" in backend and "--seq-len 2048" in backend
+    # a budget smaller than the sum: no step is given more than what is left of it
+    assert all(limit <= 100 for limit, _ in _dry_run(tmp_path, BUDGET_S="100").values())
+
+
+class _Reached(Exception):
+    """Raised where a benchmark would first touch the GPU: its arguments were accepted."""
+
+
+def test_gpu_script_cuda_commands_are_accepted(tmp_path, monkeypatch):
+    """Each CUDA command of gpu.sh gets past its script's argument parsing and checks (a typo there
+    would cost the first GPU run a step): run in-process up to the first GPU call, stopped there."""
+    def reached(*_, **__):
+        raise _Reached
+
+    monkeypatch.setenv("CELORA_KERNEL", os.environ.get("CELORA_KERNEL", "torch"))  # backend_choice sets it
+    monkeypatch.setattr(torch.cuda, "get_device_name", reached)  # layer, head, backend: the header line
+    scripts = {}
+    for step, (_, argv) in _dry_run(tmp_path).items():
+        if step == "paper":  # the same command as on the CPU run, which runs it
+            continue
+        path = ROOT / argv[1]
+        module = scripts.get(path) or _load(path)
+        scripts[path] = module
+        if path.name == "end_to_end.py":
+            monkeypatch.setattr(module, "build_model", reached)
+        if path.name == "gpu_probe.py":
+            monkeypatch.setattr(module, "Probe", reached)
+        with pytest.raises(_Reached):
+            module.main(argv[2:])
+
+
+def _hide_deepspeed(tmp_path: Path) -> str:
+    """A PYTHONPATH entry that makes `import deepspeed` fail, as on the GPU image (it has none)."""
+    site = tmp_path / "no_deepspeed"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text('import sys\nsys.modules["deepspeed"] = None\n')
+    return str(site)
 
 
 def test_gpu_script_runs_every_step_on_cpu(tmp_path):
-    """DEVICE=cpu runs the GPU script's steps at their smoke sizes: what a first GPU call will do,
-    minus the sizes — each step exits 0 and leaves its table, and summary.txt records it."""
-    env = {**os.environ, "DEVICE": "cpu", "OUT": str(tmp_path)}
-    out = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], capture_output=True, text=True,
-                         timeout=600, env=env)
+    """DEVICE=cpu runs the GPU script's steps at their smoke sizes in bf16 with deepspeed hidden:
+    what a first GPU call will do, minus the sizes — each step exits 0 and leaves its table,
+    the probe's table is in summary.txt (versions; kernels skipped without CUDA), and summary.txt
+    records every step. At most 8 files: what the device tool brings back."""
+    out_dir = tmp_path / "out"
+    env = {**os.environ, "DEVICE": "cpu", "OUT": str(out_dir), "PYTHONPATH": _hide_deepspeed(tmp_path)}
+    out = subprocess.run(["bash", str(GPU_SH)], capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    summary = (tmp_path / "summary.txt").read_text()
+    summary = (out_dir / "summary.txt").read_text()
     for step in GPU_STEPS:
         assert f"[gpu.sh] {step}: rc=0 ok" in summary, summary
-        table = [ln for ln in (tmp_path / f"{step}.md").read_text().splitlines() if ln.startswith("|")]
+    for step in GPU_STEPS[1:]:
+        table = [ln for ln in (out_dir / f"{step}.md").read_text().splitlines() if ln.startswith("|")]
         assert len(table) >= 3, f"{step}.md has no table rows"  # header, separator, >= 1 row
+    _, probe = _parse(summary)
+    status = {row["check"]: row["status"] for row in probe}
+    assert status["torch"] == "info" and status["C compiler"] in ("ok", "FAIL")
+    assert status["kernel grad_input bf16"] == status["kernel gradient_scores bf16"] == "skip"
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(
+        ["summary.txt", "stderr.log", *(f"{s}.md" for s in GPU_STEPS[1:])])
+    assert "deepspeed" not in (out_dir / "stderr.log").read_text().lower()
+
+
+def test_gpu_script_keeps_the_rows_of_a_step_cut_off_by_its_limit(tmp_path):
+    """A step killed by its time limit leaves the rows it printed before (gpu.sh runs Python
+    unbuffered and tees as it goes), summary.txt says so, and the budget then skips the rest."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nexec python3 -c 'import time; print(\"| col |\\n|---|\\n| first row |\"); "
+                    "time.sleep(60); print(\"| never |\")'\n")
+    fake.chmod(0o755)
+    out_dir = tmp_path / "out"
+    env = {**os.environ, "DEVICE": "cpu", "OUT": str(out_dir), "PYTHON": str(fake), "BUDGET_S": "10",
+           "STEPS": "layer head"}
+    out = subprocess.run(["bash", str(GPU_SH)], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert (out_dir / "layer.md").read_text().splitlines() == ["| col |", "|---|", "| first row |"]
+    summary = (out_dir / "summary.txt").read_text()
+    assert "[gpu.sh] layer: rc=124 TIMED OUT (partial table)" in summary
+    assert "[gpu.sh] head: skipped" in summary and not (out_dir / "head.md").exists()
+
+
+def _output_at_calls(module, name: str, capsys, monkeypatch) -> list[str]:
+    """Wrap ``module.name``: the list gets the whole stdout so far at each call (and at the end,
+    once the caller appends ``capsys.readouterr().out``)."""
+    seen: list[str] = []
+    original = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        seen.append((seen[-1] if seen else "") + capsys.readouterr().out)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+    return seen
+
+
+def test_layer_rows_are_printed_as_measured(capsys, monkeypatch):
+    bench = _load()
+    seen = _output_at_calls(bench, "bench_case", capsys, monkeypatch)
+    bench.main(["--device", "cpu", "--smoke", "--keeps", "0.5"])
+    assert len(seen) == 2  # two smoke shapes
+    assert "| tiny | up |" in seen[1] and "| tiny | down |" not in seen[1]
+
+
+def test_layer_table_survives_a_failing_triton_kernel(capsys, monkeypatch):
+    """A Triton kernel that raises (no gcc, ptxas, shared memory, ...) costs its columns, not the
+    table: one "# triton failed" line, every row measured with the Triton cells empty."""
+    import types
+
+    def broken(*_):
+        raise RuntimeError("triton launcher: gcc not found")
+
+    fake = types.ModuleType("celora_dist.kernels.amm_triton")
+    fake.celora_grad_input_triton = broken
+    monkeypatch.setitem(sys.modules, "celora_dist.kernels.amm_triton", fake)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # what makes the script use the kernel on a CPU
+    bench = _load()
+    rows = bench.main(["--device", "cpu", "--smoke", "--keeps", "0.5"])
+    out = capsys.readouterr().out
+    assert out.count("# triton failed at tiny up T=24 keep=0.5 (RuntimeError: triton launcher: gcc not found)") == 1
+    assert len(rows) == 2 and all(math.isnan(r["triton_ms"]) and r["torch_ms"] > 0 for r in rows)
+
+
+def test_head_rows_are_printed_per_shape_as_measured(capsys, monkeypatch):
+    bench = _load(ROOT / "bench" / "head_backward.py")
+    monkeypatch.setitem(bench.SHAPES, "tiny-a", (256, 16))
+    monkeypatch.setitem(bench.SHAPES, "tiny-b", (384, 16))
+    seen = _output_at_calls(bench, "interleaved_medians", capsys, monkeypatch)
+    bench.main(["--shapes", "tiny-a,tiny-b", "--tokens", "8", "--repeats", "1", "--keeps", "0.1,0.2"])
+    header, rows = _parse(seen[1])  # the output when the second shape starts measuring
+    assert header == bench.COLUMNS and [r["shape"] for r in rows] == ["tiny-a", "tiny-a"]
+
+
+def test_end_to_end_rounds_are_printed_as_measured(capsys, monkeypatch):
+    bench = _load(ROOT / "bench" / "end_to_end.py")
+    seen = _output_at_calls(bench, "interleaved_medians", capsys, monkeypatch)
+    bench.main(["--model", "tiny", "--seq-len", "16", "--repeats", "2"])
+    seen.append(seen[-1] + capsys.readouterr().out)
+    per_round = 2 * 3  # forward and backward of 3 methods
+    assert "# round 1/2 step_ms: peft-lora-r16=" in seen[per_round]  # printed before round 2 ran
+    assert "# round 2/2" not in seen[-2] and "# round 2/2" in seen[-1]
+    assert all(f"# {m}: built in" in seen[0] for m in ("peft-lora-r16", "celora-released", "celora-auto"))
+
+
+# ---- bench/gpu_probe.py: every failure a row, the script never stops --------------------
+
+def _probe():
+    return _load(ROOT / "bench" / "gpu_probe.py")
+
+
+def test_gpu_probe_checks_kernels_against_its_reference(capsys, monkeypatch):
+    """The kernel checks on CPU with the torch reference standing in for Triton: ok within the
+    bf16 tolerance; a wrong result, a non-finite one and a raising kernel are FAIL rows with the
+    cause, and the probe goes on to the next check and exits 1."""
+    import celora_dist.kernels as kernels
+    from celora_dist.ops import amm
+
+    probe_mod = _probe()
+    impls = {"grad_input": amm.celora_grad_input, "scores": amm.gradient_scores}
+    monkeypatch.setattr(kernels, "implementation", lambda backend, op="grad_input": impls[op])
+    status, detail = probe_mod.grad_input_kernel("cpu", 64, 96, 48)
+    assert status == "ok" and "rel err" in detail and "autotune: none" in detail
+    assert probe_mod.scores_kernel("cpu", 64, 96)[0] == "ok"
+
+    def wrong(G, W, idx, left, right):  # drops the low-rank term: ~10% off
+        return amm.celora_grad_input(G, W, idx)
+
+    def broken(G, *_):
+        return torch.full((G.shape[0], 48), float("nan"), dtype=G.dtype)
+
+    def raising(*_):
+        raise RuntimeError("ptxas fatal: out of shared memory\nsecond line")
+
+    probe = probe_mod.Probe()
+    for fn in (wrong, broken, raising):
+        impls["grad_input"] = fn
+        probe.run(f"grad_input {fn.__name__}", lambda: probe_mod.grad_input_kernel("cpu", 64, 96, 48))
+    probe.row("after", "info", "still running")
+    _, rows = _parse(capsys.readouterr().out)
+    assert [r["status"] for r in rows] == ["FAIL", "FAIL", "FAIL", "info"]
+    assert "rel err" in rows[0]["detail"] and "non-finite" in rows[1]["detail"]
+    assert rows[2]["detail"] == "RuntimeError: ptxas fatal: out of shared memory"
+    assert probe.failed == 3
+
+
+def test_gpu_probe_reports_the_autotune_choice(monkeypatch):
+    """autotune_choice finds the autotuner of a kernel's module by type and prints its best_config."""
+    import types
+
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _kernel(x_ptr, BLOCK: tl.constexpr):
+        tl.store(x_ptr + tl.arange(0, BLOCK), tl.zeros((BLOCK,), tl.float32))
+
+    module = types.ModuleType("fake_kernels")
+    module.tuned = triton.autotune(configs=[triton.Config({"BLOCK": 16}, num_warps=2)], key=[])(_kernel)
+
+    def entry():
+        pass
+
+    entry.__module__ = module.__name__
+    module.entry = entry
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    probe_mod = _probe()
+    assert "tuned chose nothing" in probe_mod.autotune_choice(entry)
+    module.tuned.best_config = module.tuned.configs[0]
+    choice = probe_mod.autotune_choice(entry)
+    assert choice.startswith("autotune: tuned: ") and "BLOCK: 16" in choice and "num_warps: 2" in choice
+
+
+def test_gpu_probe_without_cuda_fails_rows_not_the_script(capsys, monkeypatch):
+    """--device cuda where torch sees no GPU: the gpu check is a FAIL row with the cause, the
+    checks that need a GPU are skip rows, every row is printed, the exit status is 1."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _probe().main(["--device", "cuda"]) == 1
+    _, rows = _parse(capsys.readouterr().out)
+    status = {r["check"]: (r["status"], r["detail"]) for r in rows}
+    assert status["gpu"] == ("FAIL", "torch.cuda.is_available() is False: no CUDA device visible to torch")
+    for check in ("bf16 matmul rate", "kernel grad_input bf16", "kernel gradient_scores bf16"):
+        assert status[check] == ("skip", "no GPU visible to torch (the gpu row)")
+    assert status["Python headers"][0] in ("ok", "FAIL") and len(rows) == 14
