@@ -8,7 +8,8 @@ bring back even if every benchmark after it fails: torch / CUDA / driver / Trito
 the GPU and its compute capability, whether the C compiler and Python headers that Triton
 builds its launcher stub with are there, the bf16 matrix rate the time limits of gpu.sh
 assume, and one bf16 launch of each Triton kernel (``celora_grad_input_triton``,
-``gradient_scores_triton``, reached through ``celora_dist.kernels.implementation``) checked
+``gradient_scores_triton``, imported from their modules: NOT through ``celora_dist.kernels``,
+whose guard would turn a failing kernel into a silent torch fallback) checked
 against an fp32 reference written out here, with the autotuner's choice and the first
 call's compile + autotune time.
 
@@ -265,21 +266,23 @@ def relative_error(out, ref) -> float:
     return float((out - ref).norm() / ref.norm())
 
 
-def grad_input_kernel(device: str = "cuda", t: int = T, m: int = M, n: int = N) -> tuple[str, str]:
-    """One bf16 launch of the dX kernel G[:, I] W0[I] + left @ right against an fp32 reference."""
+def grad_input_kernel(device: str = "cuda", t: int = T, m: int = M, n: int = N,
+                      weight_dtype: str = "bfloat16") -> tuple[str, str]:
+    """One bf16 launch of the dX kernel G[:, I] W0[I] + left @ right against an fp32 reference;
+    ``weight_dtype="float32"``: the autocast form (bf16 G, fp32 master W0/left/right)."""
     import math
 
     import torch
 
-    from celora_dist.kernels import implementation
+    from celora_dist.kernels.amm_triton import celora_grad_input_triton as fn
 
-    fn = implementation("triton", "grad_input")
+    wdt = getattr(torch, weight_dtype)
     g = torch.Generator(device=device).manual_seed(0)
     k = math.ceil(KEEP * m)
     G = torch.randn(t, m, device=device, generator=g).to(torch.bfloat16)
-    W0 = (torch.randn(m, n, device=device, generator=g) * m ** -0.5).to(torch.bfloat16)
-    left = (torch.randn(t, RANK, device=device, generator=g) * 0.1).to(torch.bfloat16)
-    right = (torch.randn(RANK, n, device=device, generator=g) * 0.1).to(torch.bfloat16)
+    W0 = (torch.randn(m, n, device=device, generator=g) * m ** -0.5).to(torch.bfloat16).to(wdt)
+    left = (torch.randn(t, RANK, device=device, generator=g) * 0.1).to(torch.bfloat16).to(wdt)
+    right = (torch.randn(RANK, n, device=device, generator=g) * 0.1).to(torch.bfloat16).to(wdt)
     idx = torch.randperm(m, device=device, generator=g)[:k].sort().values
     ref = G.float()[:, idx] @ W0.float()[idx] + left.float() @ right.float()
     out, first = timed(fn, device, G, W0, idx, left, right)
@@ -288,17 +291,20 @@ def grad_input_kernel(device: str = "cuda", t: int = T, m: int = M, n: int = N) 
     err = relative_error(out, ref)
     _, again = timed(fn, device, G, W0, idx, left, right)
     status = "ok" if err <= BF16_TOL else "FAIL"
-    return status, (f"T={t} m={m} n={n} k={k} r+r0={RANK}: rel err {err:.1e} (tol {BF16_TOL:g}); first call "
-                    f"{first:.1f} s (compile + autotune), then {1e3 * again:.2f} ms; {autotune_choice(fn)}")
+    return status, (f"T={t} m={m} n={n} k={k} r+r0={RANK} W0 {weight_dtype}: rel err {err:.1e} (tol {BF16_TOL:g}); "
+                    f"first call {first:.1f} s (compile + autotune), then {1e3 * again:.2f} ms; {autotune_choice(fn)}")
+
+
+def grad_input_kernel_fp32_weight(device: str = "cuda") -> tuple[str, str]:
+    return grad_input_kernel(device, weight_dtype="float32")
 
 
 def scores_kernel(device: str = "cuda", t: int = T, m: int = 4 * M) -> tuple[str, str]:
     """One bf16 launch of the refresh-step scores ‖G[:, i]‖² against torch in fp32."""
     import torch
 
-    from celora_dist.kernels import implementation
+    from celora_dist.kernels.scores_triton import gradient_scores_triton as fn
 
-    fn = implementation("triton", "scores")
     g = torch.Generator(device=device).manual_seed(1)
     G = torch.randn(t, m, device=device, generator=g).to(torch.bfloat16)
     ref = G.float().pow(2).sum(0)
@@ -318,7 +324,8 @@ CUDA_CHECKS = [("libcuda", libcuda), ("gpu", gpu), ("driver", driver), ("triton 
 # The scores kernel (one compile) before the dX kernel (8 compiles + autotuning): a probe cut
 # off by its time limit still has the quick one.
 GPU_CHECKS = [("bf16 matmul rate", bf16_rate), ("kernel gradient_scores bf16", scores_kernel),
-              ("kernel grad_input bf16", grad_input_kernel)]
+              ("kernel grad_input bf16", grad_input_kernel),
+              ("kernel grad_input bf16 G + fp32 W0 (autocast)", grad_input_kernel_fp32_weight)]
 
 
 def main(argv: list[str] | None = None) -> int:
