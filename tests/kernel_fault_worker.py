@@ -42,6 +42,10 @@ from celora_dist.layer import CELoRALinear  # noqa: E402
 
 kernel_runs = {"grad_input": 0, "scores": 0}  # Triton launches attempted per op (compile fault only)
 
+if FAULT == "launch":
+    # The dX kernel runs fp32 only with TF32 on (else the torch path, no launch to fail): what a
+    # user with tf32=True has. It does not change CPU matmuls (the torch twin is unaffected).
+    torch.backends.fp32_precision = "tf32"
 if FAULT == "compile":
     from triton.runtime.errors import OutOfResources, PTXASError
 
