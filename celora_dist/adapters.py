@@ -12,15 +12,21 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
-from peft import LoraConfig
-from peft.utils import SAFETENSORS_WEIGHTS_NAME, load_peft_weights
 from safetensors.torch import save_file
 from torch import nn
 
 from .config import CELoRAConfig
 from .layer import celora_layers
 from .zero import gathered
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+
+# peft is imported where it is used: it costs ~9 s of `import celora_dist` on 2 busy cores
+# (6 s of it peft.utils.constants), paid by every process that only trains or runs kernels.
 
 PEFT_PREFIX = "base_model.model."
 
@@ -42,6 +48,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def peft_lora_config(cfg: CELoRAConfig, target_modules: list[str], base_model: str | None = None) -> LoraConfig:
     """The PEFT LoraConfig describing our trainable delta (r, alpha, rsLoRA, targets)."""
+    from peft import LoraConfig
+
     return LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -79,6 +87,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model: str
 def write_peft_adapter(model: nn.Module, state: dict[str, torch.Tensor], directory: str | os.PathLike,
                        base_model: str | None = None) -> Path:
     """Write gathered LoRA tensors ``state`` with the model's config; global rank 0 writes, atomically."""
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME
+
     cfg: CELoRAConfig = model.celora_config
     final = Path(directory)
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
@@ -98,6 +108,8 @@ def write_peft_adapter(model: nn.Module, state: dict[str, torch.Tensor], directo
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load a PEFT-format LoRA adapter into the CE-LoRA layers of ``model`` (in place)."""
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME, load_peft_weights
+
     directory = Path(directory)
     weights_file = directory / SAFETENSORS_WEIGHTS_NAME
     if not weights_file.is_file():
