@@ -336,17 +336,25 @@ def _model_worker(rank: int, out_dir: str, tp_group, dp_group) -> None:
 
 AUTOCAST_STEPS = 3  # refresh, approximate, refresh (refresh_every=2)
 AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
+# (dtype, autocast): fp32 weights under autocast, or half weights without it
+HALF_CASES = [(str(d), True) for d in AUTOCAST_DTYPES] + [(str(d), False) for d in AUTOCAST_DTYPES]
 
 
-def _autocast_steps(model, ids, dtype, dp_group=None):
-    """SGD steps with the forward under CPU autocast; per step the loss, the LoRA gradients of step 0
-    (gathered to PEFT shapes at TP=2), the logits dtype and whether the step approximated."""
+def _half_model(dtype: torch.dtype, autocast: bool):
+    model, ids = _build_model("celora")
+    return (model if autocast else model.to(dtype)), ids
+
+
+def _autocast_steps(model, ids, dtype, dp_group=None, autocast=True):
+    """SGD steps with the forward under CPU autocast (or on half weights); per step the loss, the
+    LoRA gradients of step 0 (gathered to PEFT shapes at TP=2), the logits dtype and whether the
+    step approximated."""
     gather = dp_group is not None
     opt, rec = _sgd(model), {"loss": [], "approximate": [], "logits_dtype": None}
     some_layer = next(layer for _, layer in celora_layers(model) if not layer.is_exact)
     for step in range(AUTOCAST_STEPS):
         rec["approximate"].append(some_layer.selected is not None and not some_layer.refresh_due())
-        with torch.autocast("cpu", dtype=dtype):
+        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
             out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         rec["loss"].append(out.loss.detach().float())
@@ -363,12 +371,14 @@ def _autocast_steps(model, ids, dtype, dp_group=None):
 
 
 def _autocast_worker(rank: int, out_dir: str, tp_group, dp_group) -> None:
-    """The TP=2 model (column and row layers) trained under bf16 and fp16 autocast."""
+    """The TP=2 model (column and row layers) trained under bf16 and fp16 autocast, and on bf16 and
+    fp16 weights without autocast."""
     rec = {}
-    for dtype in AUTOCAST_DTYPES:
-        model, ids = _build_model("celora")
+    for name, autocast in HALF_CASES:
+        dtype = getattr(torch, name.split(".")[1])
+        model, ids = _half_model(dtype, autocast)
         parallelize_celora(model, tp_group)
-        rec[str(dtype)] = _autocast_steps(model, ids, dtype, dp_group)
+        rec[(name, autocast)] = _autocast_steps(model, ids, dtype, dp_group, autocast)
     torch.save(rec, Path(out_dir) / f"autocast_rank{rank}.pt")
 
 
@@ -507,16 +517,19 @@ def test_tp2_equals_tp1_losses_grads_and_selection(model_runs, mode):
 AUTOCAST_TOL = {str(torch.bfloat16): 3e-2, str(torch.float16): 4e-3}
 
 
-@pytest.mark.parametrize("dtype", [str(d) for d in AUTOCAST_DTYPES])
-def test_tp2_trains_under_autocast(model_runs, dtype):
-    """Column and row TP layers under autocast: logits in the autocast dtype, fp32 LoRA gradients,
-    the exact first step equal to TP=1 under the same autocast, then approximate steps, finite losses."""
-    ranks = [torch.load(model_runs / f"autocast_rank{r}.pt")[dtype] for r in range(WORLD)]
-    model, ids = _build_model("celora")
-    ref = _autocast_steps(model, ids, getattr(torch, dtype.split(".")[1]))
+@pytest.mark.parametrize("dtype,autocast", HALF_CASES)
+def test_tp2_trains_in_half_precision(model_runs, dtype, autocast):
+    """Column and row TP layers under autocast (fp32 weights) or on half weights: logits in the
+    half dtype, LoRA gradients in the weights' dtype, the exact first step equal to TP=1 in the
+    same precision, then approximate steps, finite losses."""
+    ranks = [torch.load(model_runs / f"autocast_rank{r}.pt")[(dtype, autocast)] for r in range(WORLD)]
+    half = getattr(torch, dtype.split(".")[1])
+    model, ids = _half_model(half, autocast)
+    ref = _autocast_steps(model, ids, half, autocast=autocast)
     tol = AUTOCAST_TOL[dtype]
     for run in ranks:
-        assert str(run["logits_dtype"]) == dtype and run["grad_dtypes"] == {"torch.float32"}
+        assert str(run["logits_dtype"]) == dtype
+        assert run["grad_dtypes"] == {"torch.float32" if autocast else dtype}
         assert run["approximate"] == ref["approximate"] == [False, True, False]
         assert all(math.isfinite(float(v)) for v in run["loss"])
         _close(run["loss"][0], ref["loss"][0], tol=tol, what=f"{dtype} loss")
