@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .config import is_fraction, num_kept
 from .kernels import grad_input, gradient_scores
 from .precision import autocast_off, cast, compute_dtype
-from .scheduled import ScheduledModule
+from .scheduled import ScheduledModule, graph_boundary
 from .selection import RelErrorMeter, topk_indices
 from .zero import gathered
 
@@ -94,6 +94,7 @@ class VocabSparseLMHead(ScheduledModule, nn.Linear):
         self.step = 0
         self.error = RelErrorMeter()
 
+    @graph_boundary  # eager under torch.compile: the backward reads the step counter
     def forward(self, x: Tensor) -> Tensor:
         return _VocabSparseHeadFunction.apply(x, self.weight, self.bias, self)
 

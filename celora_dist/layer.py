@@ -26,7 +26,7 @@ from .factors import check_r0, double_lora_factors
 from .kernels import BackendChoice, grad_input, gradient_scores, implementation
 from .kernels.choice import measuring_step
 from .precision import autocast_off, cast, compute_dtype
-from .scheduled import UNDRIVEN_BACKWARDS, ScheduledModule, warn_undriven
+from .scheduled import UNDRIVEN_BACKWARDS, ScheduledModule, graph_boundary, warn_undriven
 from .selection import RelErrorMeter, complement_of, next_adaptive_k, select_indices
 from .zero import gathered
 
@@ -325,6 +325,7 @@ class CELoRALinear(ScheduledModule, nn.Module):
         self.dx_choice = BackendChoice()  # exact / torch / Triton, measured per k (kernels/choice.py)
 
     # -- forward ------------------------------------------------------------------
+    @graph_boundary  # eager under torch.compile: the backward reads the schedule state
     def forward(self, x: Tensor) -> Tensor:
         xd = self.lora_dropout(x)
         weight = self.base_layer.weight

@@ -21,13 +21,19 @@ Per optimizer step the driver calls, in this order:
 
 A step the optimizer skipped (fp16 loss scaling found inf/NaN) calls ``discard_step()``
 on every module instead of 1–3.
+
+Under ``torch.compile`` a scheduled module's ``forward`` is the edge of the compiled
+graph (:func:`graph_boundary`, docs/design.md §4 "torch.compile"): it and its autograd
+Function's backward run eager, so the state above is read and written by Python on
+every step and never traced, guarded on or frozen into a graph.
 """
 from __future__ import annotations
 
 import abc
 import warnings
-from typing import Any
+from typing import Any, Callable, TypeVar
 
+import torch
 from torch import Tensor
 
 # Backward passes of one refresh step after which the schedule counts as not driven. A
@@ -36,6 +42,25 @@ from torch import Tensor
 # micro-batches per optimizer step on the setups this targets; one that does only sees
 # this warning once.
 UNDRIVEN_BACKWARDS = 64
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+GRAPH_BOUNDARY_REASON = ("CE-LoRA: the schedule state (step counter, kept indices, dX backend measurement) "
+                         "is read and written in this module's backward; it runs eager (docs/design.md §4)")
+
+
+def graph_boundary(forward: F) -> F:
+    """Mark a scheduled module's ``forward`` as the edge of any ``torch.compile`` graph.
+
+    Dynamo breaks the graph at the call and runs the forward (dropout included) and its
+    autograd Function eager; the rest of the model is compiled around it. Inside, the
+    backward branches on ``step``, ``selected`` and the backend choice, which change from
+    step to step: traced, they would be guarded on (a recompile per step) or baked in (a
+    frozen selection). Measured on the tiny Llama (tests/test_compile.py): the frames
+    compiled stay constant from the first step on, over refresh and approximate steps.
+    """
+    return torch.compiler.disable(forward, reason=GRAPH_BOUNDARY_REASON)
 
 
 class UndrivenScheduleWarning(RuntimeWarning):

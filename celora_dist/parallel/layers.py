@@ -48,6 +48,7 @@ from ..config import num_kept
 from ..factors import residual_row_sq
 from ..layer import CELoRALinear, _CELoRAFunction, add_lora_output, save_context
 from ..precision import autocast_off, cast, compute_dtype
+from ..scheduled import graph_boundary
 from ..selection import next_adaptive_k, topk_indices
 from ..zero import is_partitioned
 from .comm import ReduceGradOverTP, all_gather_cat, all_reduce_many, broadcast_, group_rank, group_size
@@ -205,6 +206,7 @@ class ColumnParallelCELoRALinear(_TPCELoRALinear):
     def _mark_shards(self) -> None:
         _mark_sharded([self.base_layer.weight, self.base_layer.bias, self.lora_B.weight, self.B0], dim=0)
 
+    @graph_boundary  # eager under torch.compile (as CELoRALinear.forward)
     def forward(self, x: Tensor) -> Tensor:
         dropout = self.training and isinstance(self.lora_dropout, nn.Dropout) and self.lora_dropout.p > 0
         if dropout:
@@ -318,6 +320,7 @@ class RowParallelCELoRALinear(_TPCELoRALinear):
     def _mark_shards(self) -> None:
         _mark_sharded([self.base_layer.weight, self.lora_A.weight, self.A0], dim=1)
 
+    @graph_boundary  # eager under torch.compile (as CELoRALinear.forward)
     def forward(self, x: Tensor) -> Tensor:
         xd = self.lora_dropout(x)  # the mask acts on this rank's own input columns
         return _RowFunction.apply(
