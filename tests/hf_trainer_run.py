@@ -39,6 +39,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--deepspeed", default=None, help="HF-style DeepSpeed JSON (the accelerate plugin's)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--bf16", action="store_true", help="TrainingArguments(bf16=True): CPU autocast")
+    p.add_argument("--compile", default=None, metavar="BACKEND",
+                   help="torch_compile=True with this torch_compile_backend (use_cpu=True)")
     return p.parse_args()
 
 
@@ -70,6 +72,8 @@ def main() -> None:
                   disable_tqdm=True, deepspeed=args.deepspeed, bf16=args.bf16)
     if args.bf16:
         common["use_cpu"] = True
+    if args.compile:
+        common.update(torch_compile=True, torch_compile_backend=args.compile, use_cpu=True)
     # The order TRL's docs use: training arguments first, then the model. Under the accelerate
     # DeepSpeed plugin with ZeRO-3 that loads the model already partitioned (zero.Init).
     if args.trainer == "sft":
@@ -128,6 +132,9 @@ def main() -> None:
         "global_step": trainer.state.global_step,
         "partitioned_at_load": partitioned_at_load,
         "train_output_dtypes": sorted(output_dtypes),
+        # what the Trainer compiled: its wrapper and the graphs Dynamo built (0 when eager)
+        "compiled_wrapper": type(trainer.model_wrapped).__name__,
+        "compiled_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
     }
     (out / f"record-rank{rank}.json").write_text(json.dumps(record))
 

@@ -159,6 +159,24 @@ def test_plain_trainer_bf16_autocast_approximates_and_lowers_the_loss(assets, tm
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
 
 
+def test_trainer_torch_compile_with_callback(sft_run, assets, tmp_path):
+    """SFTTrainer with torch_compile=True (aot_eager: Dynamo + AOTAutograd without inductor's C++
+    build, which would add ~1 min) and the callback, the sft_run's flags otherwise: the Trainer
+    really compiles, the schedule advances (refresh 0, 3, 6, approximate between), and losses and
+    kept indices are the eager run's."""
+    _, flags, eager = sft_run
+    record = run(assets, tmp_path, *flags, "--compile", "aot_eager")
+    assert record["compiled_wrapper"] == "OptimizedModule" and record["compiled_graphs"] > 0
+    assert eager["compiled_graphs"] == 0
+    steps = record["steps"]
+    assert [s["layer_step"] for s in steps] == list(range(7))
+    assert [s["global_step"] for s in steps if s["refresh"]] == [0, 3, 6]
+    assert all(s["approximate"] for s in steps if not s["refresh"])
+    assert record["schedule"] == eager["schedule"]  # the same indices chosen on every refresh
+    assert record["losses"] == pytest.approx(eager["losses"], rel=1e-5)
+    assert sum(record["losses"][-3:]) < sum(record["losses"][:3])  # it learns
+
+
 TWO_RANK_FLAGS = ["--trainer", "sft", "--steps", "3", "--refresh", "100", "--micro", "2"]
 
 
