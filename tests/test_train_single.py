@@ -54,6 +54,36 @@ def test_checkpoints_carry_adapters_and_rotate(single_celora):
     assert (ckpts / "step000015" / "adapter" / "adapter_config.json").is_file()
 
 
+def test_compile_matches_eager_run(assets, single_celora, tmp_path):
+    """--compile (aot_eager here: Dynamo + AOTAutograd, no C++ build; the default inductor adds ~1 min
+    on this CPU) through DeepSpeed's engine.compile(): the single_celora run's flags without its
+    checkpoints, and the same losses, refresh-step errors, final indices and held-out loss."""
+    out = tmp_path / "compiled"
+    proc = run_train(["--model", str(assets["model"]), "--data", str(assets["mc"]), *TINY_FLAGS,
+                      "--max-steps", "20", "--refresh-every", "4", "--micro-batch", "8",
+                      "--output-dir", str(out), "--dump-celora-state", "--compile", "aot_eager"])
+    assert proc.returncode == 0, show(proc)
+    assert "compiled (aot_eager)" in proc.stdout
+    eager_out = single_celora[0]
+    assert train_losses(out) == pytest.approx(train_losses(eager_out), rel=1e-5, abs=1e-6)
+    errors = {r["step"]: r["grad_rel_error"] for r in read_metrics(out) if "grad_rel_error" in r}
+    want = {r["step"]: r["grad_rel_error"] for r in read_metrics(eager_out) if "grad_rel_error" in r}
+    assert errors.keys() == want.keys() == {4, 8, 12, 16}  # the schedule advanced under compile
+    for step in want:
+        assert errors[step] == pytest.approx(want[step], rel=1e-4), step
+    got = torch.load(out / "celora_state" / "rank0.pt", weights_only=False)
+    ref = torch.load(eager_out / "celora_state" / "rank0.pt", weights_only=False)
+    assert got.keys() == ref.keys() and any(v["selected"] is not None for v in ref.values())
+    for name in ref:
+        assert got[name]["step"] == ref[name]["step"] == 20
+        assert (ref[name]["selected"] is None) == (got[name]["selected"] is None)
+        if ref[name]["selected"] is not None:
+            assert torch.equal(got[name]["selected"], ref[name]["selected"]), name
+    final = json.loads((out / "summary.json").read_text())
+    assert final["eval_loss"] == pytest.approx(json.loads((eager_out / "summary.json").read_text())["eval_loss"],
+                                               rel=1e-5)
+
+
 def test_single_process_lora_same_path_and_peft_adapter(assets, single_lora, single_celora):
     out, _ = single_lora
     _loss_falls(train_losses(out))
@@ -140,6 +170,7 @@ def _bad_inputs(assets, tmp):
         ("optimizer we do not build", base + ["--deepspeed_config", str(lamb)],
          r"lamb\.json: optimizer\.type = 'lamb': the trainer builds torch AdamW itself"),
         ("resume without checkpoint", base + ["--resume", str(empty_dir)], r"--resume .*no_ckpt: no checkpoint there"),
+        ("unknown compile backend", base + ["--compile", "nosuch"], r"--compile nosuch: not a torch.compile backend"),
         ("keep above 1", base + ["--keep", "v_proj=1.5"], r"--keep v_proj=1.5: keep must be in \(0, 1\]"),
         ("keep zero", base + ["--keep", "o_proj=0"], r"--keep o_proj=0: keep must be in \(0, 1\]"),
         ("chat without template", ["--model", model, "--data", str(chat), "--eval-data", str(chat)],

@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gradient clipping, 0 = off (default: the DeepSpeed config's gradient_clipping, else 1.0)")
     g.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 if the DeepSpeed config enables it, else fp32")
     g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the model through DeepSpeed's engine.compile() (default backend: inductor; "
+                        "e.g. aot_eager to skip code generation). CE-LoRA layers stay eager at the graph "
+                        "boundary of docs/design.md §4; the first step (and the first evaluation) pay the compile")
     g.add_argument("--seed", type=int, default=0)
 
     g = p.add_argument_group("run")
@@ -214,6 +218,15 @@ def celora_config_from_args(args: argparse.Namespace) -> CELoRAConfig:
         raise UsageError(str(e)) from None
 
 
+def check_compile_backend(backend: str) -> None:
+    """--compile BACKEND names a torch.compile backend (UsageError otherwise)."""
+    import torch
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise UsageError(f"--compile {backend}: not a torch.compile backend; choose from {', '.join(sorted(known))}")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check the flags; fills ``args.celora`` (CELoRAConfig) and ``args.embedded``."""
     args = build_parser().parse_args(argv)
@@ -250,6 +263,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for path in paths:
             if not Path(path).exists():
                 raise UsageError(f"--{flag.replace('_', '-')} {path}: no such file or folder")
+    if args.compile is not None:
+        check_compile_backend(args.compile)
     if args.chat_template is not None and not Path(args.chat_template).is_file():
         raise UsageError(f"--chat-template {args.chat_template}: no such file")
     if args.deepspeed_config is None:

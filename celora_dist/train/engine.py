@@ -304,4 +304,11 @@ def build_engine(model, ds_config: dict, args, total_steps: int):
     optimizer, scheduler = build_optimizer([p for p in model.parameters() if p.requires_grad], args, total_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    if args.compile:
+        # engine.compile() compiles engine.module in place (nn.Module.compile): the module stays the
+        # model, so its state_dict keys, checkpoints, adapter export and the CE-LoRA schedule's walk
+        # over its modules are those of an eager run. torch.compile(model) before initialize would
+        # hand DeepSpeed an OptimizedModule whose keys carry "_orig_mod.": checkpoints of compiled and
+        # eager runs would not resume into each other.
+        engine.compile(backend=args.compile)
     return engine, optimizer, scheduler
