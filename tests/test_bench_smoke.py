@@ -441,3 +441,26 @@ def test_gpu_probe_without_cuda_fails_rows_not_the_script(capsys, monkeypatch):
     for check in ("bf16 matmul rate", "kernel grad_input bf16", "kernel gradient_scores bf16"):
         assert status[check] == ("skip", "no GPU visible to torch (the gpu row)")
     assert status["Python headers"][0] in ("ok", "FAIL") and len(rows) == 15
+
+
+def test_peer_smoke(assets, tmp_path, capsys):
+    """bench/peer.py --smoke: every kind of configuration runs (HF Trainer, TRL packing, this
+    trainer eager and --compile), each trained exactly micro-batch x seq-len tokens per step, the
+    ratio column is the ratio of the medians, and the JSON rows are written."""
+    import json
+
+    peer = _load(ROOT / "bench" / "peer.py")
+    configs = ["hf-peft-lora", "trl-sft-packing-peft-lora", "lora", "celora", "celora-compile"]
+    out = tmp_path / "peer.json"
+    rows = peer.main(["--model", str(assets["model"]), "--smoke", "--threads", "1", "--configs", ",".join(configs),
+                      "--workdir", str(tmp_path / "runs"), "--out", str(out)])
+    captured = capsys.readouterr()
+    header, printed = _parse(captured.out)
+    assert header == peer.COLUMNS and [r["config"] for r in printed] == configs
+    assert "compiled (eager)" in captured.err  # the -compile run went through the trainer's --compile
+    hf = rows[0]["step_ms"]
+    for row in rows:
+        assert row["tokens_per_step"] == 2 * 24 and row["timed_steps"] == 1
+        assert all(math.isfinite(row[c]) and row[c] > 0 for c in ("step_ms", "tokens_per_s", "first_step_s"))
+        assert row["vs_hf"] == pytest.approx(hf / row["step_ms"])
+    assert json.loads(out.read_text())["rows"][0]["config"] == "hf-peft-lora"
