@@ -21,14 +21,6 @@ from celora_dist.scheduled import GRAPH_BOUNDARY_REASON, ScheduledModule
 
 from .conftest import tiny_llama
 
-# The lead's mixed-precision change (issue 25 item 1) makes the layer's forward run under autocast;
-# until it lands, the forward raises "self and mat2 must have the same dtype" (a RuntimeError) under
-# torch.autocast. strict: once it passes, this marker fails the test, so it cannot outlive the fix.
-AWAITS_MIXED_PRECISION = pytest.mark.xfail(
-    strict=True, raises=RuntimeError,
-    reason="AWAITS_MIXED_PRECISION: CE-LoRA's forward under torch.autocast (issue 25 item 1); remove this "
-           "marker when that change is merged")
-
 STEPS = 6
 REFRESH = 2  # refresh steps 0, 2, 4; approximate steps 1, 3, 5
 
@@ -71,18 +63,20 @@ def _twins(dropout: float = 0.0, **cfg):
 def _train_both(compiled_model, eager_model, compiled, counter=None, steps: int = STEPS, autocast: bool = False):
     """``steps`` optimizer steps of each, on the same batches and dropout masks; per step the losses,
     the LoRA gradients, the schedule state after the step and the frames compiled so far."""
-    out = []
+    records = []
     opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
             for m in (compiled_model, eager_model)]
     data = torch.Generator().manual_seed(0)
     for step in range(steps):
         ids = torch.randint(0, 128, (2, 24), generator=data)
-        record = {"loss": [], "grads": []}
+        record = {"loss": [], "grads": [], "logits_dtype": []}
         for model, run, opt in ((compiled_model, compiled, opts[0]), (eager_model, eager_model, opts[1])):
             torch.manual_seed(100 + step)  # the same LoRA dropout masks in both
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                loss = run(input_ids=ids, labels=ids).loss
+                output = run(input_ids=ids, labels=ids)
+            loss = output.loss
             loss.backward()
+            record["logits_dtype"].append(output.logits.dtype)
             record["loss"].append(float(loss.detach()))
             record["grads"].append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
             opt.step()
@@ -91,8 +85,8 @@ def _train_both(compiled_model, eager_model, compiled, counter=None, steps: int 
         record["state"] = [{name: (layer.step, None if layer.selected is None else layer.selected.clone())
                             for name, layer in celora_layers(m)} for m in (compiled_model, eager_model)]
         record["frames"] = None if counter is None else counter.frame_count
-        out.append(record)
-    return out
+        records.append(record)
+    return records
 
 
 def _assert_schedule_moved(records) -> None:
@@ -172,7 +166,6 @@ def test_inductor_matches_eager():
                    for n in e_state for c, e in [(c_state[n][1], e_state[n][1])])
 
 
-@AWAITS_MIXED_PRECISION
 def test_compiled_matches_eager_under_autocast():
     """torch.autocast("cpu", bfloat16) around both: the compiled model's losses and gradients are
     the eager model's within bf16 rounding, and the schedule moves as in fp32."""
@@ -180,6 +173,7 @@ def test_compiled_matches_eager_under_autocast():
     compiled, counter = _compiled(model, "aot_eager")
     records = _train_both(model, eager, compiled, counter, autocast=True)
     for step, record in enumerate(records):
+        assert record["logits_dtype"] == [torch.bfloat16] * 2  # autocast really on, in both
         torch.testing.assert_close(record["loss"][0], record["loss"][1], rtol=1e-2, atol=1e-2)
         got, want = record["grads"]
         for name in want:
