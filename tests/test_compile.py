@@ -2,8 +2,9 @@
 forward is an explicit graph boundary, so the schedule advances, the selection changes after each
 refresh and nothing is recompiled per step, and the compiled model trains as the eager one does.
 
-Times on the 2-core CPU (OMP_NUM_THREADS=1): the aot_eager tests ~10-15 s each (mostly Dynamo
-tracing), the inductor test ~45 s (C++ compilation of the graphs), the autocast test ~10 s.
+Times on the shared 2-core CPU (OMP_NUM_THREADS=1): the aot_eager tests 10-20 s each (mostly
+Dynamo tracing), the inductor test 45-75 s cold (C++ compilation of the graphs), ~25 s with
+inductor's on-disk cache warm.
 """
 from __future__ import annotations
 
