@@ -1,6 +1,7 @@
 """This trainer beside what a user would run instead: same model, tokens, micro-batch and steps.
 
-    python bench/peer.py                         # embedded SmolLM2-135M, 512-token examples, micro-batch 4, 8 steps x 2 rounds
+    python bench/peer.py                         # embedded SmolLM2-135M, 512-token examples, micro-batch 4,
+                                                 # 8 steps x 2 rounds
     python bench/peer.py --model DIR --smoke     # a tiny model, in this process: for the test suite
 
 Configurations, each run in its own process (``--in-process``: in this one), interleaved
@@ -222,7 +223,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="OMP_NUM_THREADS of every run")
     p.add_argument("--in-process", action="store_true", help="run every configuration in this process")
     p.add_argument("--workdir", type=Path, default=None, help="run folders (default: a temporary folder, removed)")
-    p.add_argument("--out", type=Path, default=None, help="JSON rows here (default: bench/results/peer_<date>_<cpu>.json)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON rows here (default: bench/results/peer_<date>_<cpu>-<threads>t.json)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny sizes, one round, in this process, backend eager (Dynamo alone): for the test "
                         "suite (needs --model)")
@@ -288,11 +290,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     table = markdown_table(rows, COLUMNS, FORMATS)
     print(table)
     print(f"{a.rounds} round(s) x {a.steps - a.warmup} timed steps per configuration; step_iqr_ms = interquartile "
-          f"range of those steps; vs_hf = HF Trainer + PEFT LoRA step / this step; wall {time.perf_counter() - t:.0f} s")
+          f"range of those steps; vs_hf = HF Trainer + PEFT LoRA step / this step; "
+          f"wall {time.perf_counter() - t:.0f} s")
     if not a.smoke or a.out is not None:
         info = {**machine(), "load_avg_start": start_load, "threads": a.threads}
         out = a.out or ROOT / "bench" / "results" / (
-            f"peer_{date.today().isoformat()}_{info['cpu'].split()[0].lower()}-{a.threads}t.json")
+            f"peer_{date.today().isoformat()}_{'-'.join(info['cpu'].split()[:2]).lower()}-{a.threads}t.json")
         out.write_text(json.dumps({"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()
                                                 if not k.startswith("_")},
                                    "machine": info, "table": table, "rows": rows}, indent=1))

@@ -464,3 +464,19 @@ def test_peer_smoke(assets, tmp_path, capsys):
         assert all(math.isfinite(row[c]) and row[c] > 0 for c in ("step_ms", "tokens_per_s", "first_step_s"))
         assert row["vs_hf"] == pytest.approx(hf / row["step_ms"])
     assert json.loads(out.read_text())["rows"][0]["config"] == "hf-peft-lora"
+
+
+def test_compile_boundary_smoke(capsys):
+    """bench/compile_boundary.py --smoke (tiny model, Dynamo alone): PEFT LoRA compiles into one graph,
+    and PEFT LoRA behind the boundary breaks exactly where CE-LoRA does (the comparison's premise)."""
+    bench = _load(ROOT / "bench" / "compile_boundary.py")
+    rows = {(r["method"], r["mode"]): r for r in bench.main(["--smoke"])}
+    assert (rows[("peft-lora", "compiled")]["graphs"], rows[("peft-lora", "compiled")]["breaks"]) == (1, 0)
+    boundary, celora = rows[("peft-lora+boundary", "compiled")], rows[("celora-released", "compiled")]
+    assert (boundary["graphs"], boundary["breaks"]) == (celora["graphs"], celora["breaks"])
+    assert celora["breaks"] > 0
+    for row in rows.values():
+        assert math.isfinite(row["step_ms"]) and row["step_ms"] > 0
+        eager = rows[(row["method"], "eager")]["step_ms"]
+        assert row["vs_eager"] == pytest.approx(eager / row["step_ms"])
+    assert "| peft-lora+boundary | compiled |" in capsys.readouterr().out
