@@ -443,27 +443,32 @@ def test_gpu_probe_without_cuda_fails_rows_not_the_script(capsys, monkeypatch):
     assert status["Python headers"][0] in ("ok", "FAIL") and len(rows) == 15
 
 
-def test_peer_smoke(assets, tmp_path, capsys):
+def test_peer_smoke(assets, tmp_path):
     """bench/peer.py --smoke: every kind of configuration runs (HF Trainer, TRL packing, this
     trainer eager and --compile), each trained exactly micro-batch x seq-len tokens per step, the
-    ratio column is the ratio of the medians, and the JSON rows are written."""
+    ratio column is the ratio of the medians, and the JSON rows are written. One child process:
+    the smoke runs the trainer in-process, whose DeepSpeed process group must not outlive it here
+    (the fail-fast tests check that a refused run initialises no process group)."""
     import json
 
     peer = _load(ROOT / "bench" / "peer.py")
     configs = ["hf-peft-lora", "trl-sft-packing-peft-lora", "lora", "celora", "celora-compile"]
     out = tmp_path / "peer.json"
-    rows = peer.main(["--model", str(assets["model"]), "--smoke", "--threads", "1", "--configs", ",".join(configs),
-                      "--workdir", str(tmp_path / "runs"), "--out", str(out)])
-    captured = capsys.readouterr()
-    header, printed = _parse(captured.out)
+    cmd = [sys.executable, str(ROOT / "bench" / "peer.py"), "--model", str(assets["model"]), "--smoke",
+           "--threads", "1", "--configs", ",".join(configs), "--workdir", str(tmp_path / "runs"), "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run(["timeout", "-k", "10", "300", *cmd], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    header, printed = _parse(proc.stdout)
     assert header == peer.COLUMNS and [r["config"] for r in printed] == configs
-    assert "compiled (eager)" in captured.err  # the -compile run went through the trainer's --compile
+    assert "compiled (eager)" in proc.stderr  # the -compile run went through the trainer's --compile
+    rows = json.loads(out.read_text())["rows"]
     hf = rows[0]["step_ms"]
+    assert rows[0]["config"] == "hf-peft-lora"
     for row in rows:
         assert row["tokens_per_step"] == 2 * 24 and row["timed_steps"] == 1
         assert all(math.isfinite(row[c]) and row[c] > 0 for c in ("step_ms", "tokens_per_s", "first_step_s"))
         assert row["vs_hf"] == pytest.approx(hf / row["step_ms"])
-    assert json.loads(out.read_text())["rows"][0]["config"] == "hf-peft-lora"
 
 
 def test_compile_boundary_smoke(capsys):
