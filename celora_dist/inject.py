@@ -14,6 +14,8 @@ from .factor_plan import plan_factors
 from .factors import check_r0
 from .head import sparsify_lm_head
 from .layer import CELoRALinear, needs_factors
+from .quant.bnb import is_quantized
+from .quant.layer import CELoRAQuantLinear
 
 
 def _linear_names(model: nn.Module) -> list[str]:
@@ -49,6 +51,11 @@ def _split_factors(linears: dict[str, nn.Linear], cfg: CELoRAConfig, group, fact
                         svd=cfg.svd_method)
 
 
+def _celora_type(linear: nn.Linear) -> type[CELoRALinear]:
+    """CE-QLoRA's layer for a bitsandbytes-quantized linear, CE-LoRA's for a dense one."""
+    return CELoRAQuantLinear if is_quantized(linear) else CELoRALinear
+
+
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
@@ -68,7 +75,7 @@ def inject_celora_backward(model: nn.Module, cfg: CELoRAConfig, verbose: bool = 
     factors, counts = _split_factors(linears, cfg, group, factor_cache, verbose, distribute)
     for name in factors:
         kwargs = {**cfg.layer_kwargs(name), "r": 0}
-        _replace(model, name, CELoRALinear(linears[name], **kwargs, factors=factors[name]))
+        _replace(model, name, _celora_type(linears[name])(linears[name], **kwargs, factors=factors[name]))
     if cfg.head_keep is not None:
         sparsify_lm_head(model, cfg.head_keep, measure_every=cfg.refresh_every)
     if verbose:
@@ -98,7 +105,7 @@ def inject_celora(model: nn.Module, cfg: CELoRAConfig, verbose: bool = True, dis
     factors, counts = _split_factors(linears, cfg, group, factor_cache, verbose, distribute)
     n_exact = n_approx = 0
     for name, linear in linears.items():
-        layer = CELoRALinear(linear, **cfg.layer_kwargs(name), factors=factors.get(name))
+        layer = _celora_type(linear)(linear, **cfg.layer_kwargs(name), factors=factors.get(name))
         _replace(model, name, layer)
         n_exact += layer.is_exact
         n_approx += not layer.is_exact
