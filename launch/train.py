@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     job = prepare(args)  # DeepSpeed config, TP size, records, target modules: still no real work
     E.init_distributed(args.dist_timeout)  # a rank that stops responding fails the job, not hangs it
     tp_group, dp_group = P.process_groups(job.tp)  # DeepSpeed's TP x DP grid (tp_group None without TP)
-    tokenizer, model = M.load(job.model_dir, args.dtype, args.seed, args.chat_template)  # seeded: same LoRA init
+    tokenizer, model = M.load(job.model_dir, args.dtype, args.seed, args.chat_template, args.quantize)  # seeded: same LoRA init
     celora_dist.inject_celora(model, args.celora, verbose=job.is_main, factor_cache=args.factor_cache)  # SVDs split over ranks
     P.shard_model(model, tp_group)  # TP: q/k/v/gate/up column-parallel, o/down row-parallel
     if args.gradient_checkpointing:

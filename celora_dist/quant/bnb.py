@@ -99,7 +99,7 @@ def rows_gatherable(module: nn.Module) -> bool:
     return n % module.weight.quant_state.blocksize == 0
 
 
-_warned_whole: set[str] = set()
+_warned_whole = False
 
 
 def dequantize(module: nn.Module, dtype: torch.dtype | None = None) -> Tensor:
@@ -126,12 +126,13 @@ def dequantize_rows(module: nn.Module, rows: Tensor, dtype: torch.dtype | None =
         return bF.int8_vectorwise_dequant(weight.data.index_select(0, rows),
                                           _int8_scales(module).index_select(0, rows)).to(dtype)
     if not rows_gatherable(module):
-        key = name or f"{m}x{n}"
-        if key not in _warned_whole:
-            _warned_whole.add(key)
-            warnings.warn(f"CE-QLoRA: {key}: 4-bit block size {weight.quant_state.blocksize} does not divide "
-                          f"in_features {n}, so its rows cannot be dequantized alone; this layer dequantizes "
-                          "the whole weight in backward (correct, without the saving)", RuntimeWarning, stacklevel=2)
+        global _warned_whole
+        if not _warned_whole:  # once per process, not per layer: the same cause on every block
+            _warned_whole = True
+            warnings.warn(f"CE-QLoRA: {name or f'a {m}x{n} layer'} (and any like it): 4-bit block size "
+                          f"{weight.quant_state.blocksize} does not divide in_features {n}, so its rows cannot be "
+                          "dequantized alone; such layers dequantize the whole weight in backward (correct, "
+                          "without the saving)", RuntimeWarning, stacklevel=2)
         return dequantize(module, dtype).index_select(0, rows)
     state = weight.quant_state
     packed = weight.data.view(torch.uint8).view(m, n // 2).index_select(0, rows)

@@ -16,6 +16,7 @@ from .checkpoint import find_checkpoint
 from .embedded import cache_dir
 from .errors import UsageError, load_mapping
 from .outputs import check_output_dir
+from .quantize import QUANTIZE
 
 METHODS = ("celora", "lora")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -45,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-samples", type=int, default=None, help="evaluate on at most this many held-out examples")
     g.add_argument("--mc-format", choices=("text", "letter"), default="text",
                    help="multiple choice: answer with the option text (scored per option) or its letter")
+    g.add_argument("--quantize", choices=QUANTIZE, default=None,
+                   help="load the frozen base quantized by bitsandbytes: nf4 / fp4 (QLoRA's 4-bit, double "
+                        "quantization, --dtype as compute dtype) or int8 (LLM.int8); CE-QLoRA dequantizes only "
+                        "the kept rows in backward. ZeRO 0-2, no TP")
     g.add_argument("--seq-len", type=int, default=256, help="max tokens per example (prompt truncated from the left)")
     g.add_argument("--packing", action="store_true",
                    help="padding-free micro-batches: the examples of a micro-batch in one sequence, position ids "

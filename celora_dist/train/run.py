@@ -74,6 +74,7 @@ class Run:
             f"{'CE-LoRA' if args.method == 'celora' else 'LoRA'} | {Path(job.model_dir).name} | {job.task} | "
             f"{layout} | micro-batch {args.micro_batch} x grad-accum {args.grad_accum} "
             f"| {total_steps} steps ({batches.steps_per_epoch}/epoch) | {args.dtype}"
+            + (f" | {args.quantize} base (CE-QLoRA)" if args.quantize else "")
             + (f" | compiled ({args.compile})" if args.compile else "")
             + (f" | resumed at step {step}" if args.resume else "")
             + (f" (saved by {job.resized_from} DP rank(s))" if job.resized_from else ""))
