@@ -96,7 +96,9 @@ def rows_gatherable(module: nn.Module) -> bool:
     if quant_type(module) == "int8":
         return True
     m, n = shape(module)
-    return n % module.weight.quant_state.blocksize == 0
+    state = module.weight.quant_state
+    # bitsandbytes' own eval forward on AVX512-BF16 CPUs may have repacked the bytes (not row-major then)
+    return n % state.blocksize == 0 and not getattr(state, "packing_format_for_cpu", False)
 
 
 _warned_whole = False
