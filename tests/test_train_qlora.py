@@ -80,6 +80,31 @@ def test_adapter_loads_on_the_same_4bit_base_and_reproduces_the_held_out_loss(as
     assert result["eval_loss"] == pytest.approx(final["eval_loss"], rel=1e-4)  # fp32, same quantized W0
 
 
+def test_merge_folds_the_adapter_into_the_dequantized_base(assets, zero2_nf4, tmp_path):
+    """``python -m celora_dist.merge --quantize nf4``: a dense model whose logits are the adapter-on-4-bit-base
+    model's (fp32: the merge adds s·B A to deq(W0) once, the PEFT model adds its products: 1e-4 apart)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from celora_dist import merge
+    from celora_dist.train.quantize import load_kwargs
+
+    out, _, _ = zero2_nf4
+    merged_dir = tmp_path / "merged"
+    assert merge.main(["--model", str(assets["model"]), "--adapter", str(out / "adapter"), "--out", str(merged_dir),
+                       "--quantize", "nf4"]) == 0
+    assert "quantization_config" not in json.loads((merged_dir / "config.json").read_text())
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    base = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32, **load_kwargs("nf4", "fp32"))
+    adapted = PeftModel.from_pretrained(base, str(out / "adapter")).train()  # train(): bitsandbytes' plain path
+    ids = torch.randint(0, merged.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    with pytest.raises(SystemExit, match=r"error: --out .* already exists"):
+        merge.main(["--model", str(assets["model"]), "--adapter", str(out / "adapter"), "--out", str(merged_dir),
+                    "--quantize", "nf4"])
+
+
 def test_resume_from_step_4_ends_identical(assets, zero2_nf4, tmp_path):
     out, args, _ = zero2_nf4
     # what a run stopped after its step-4 save leaves: step000004 complete and named by `latest`

@@ -17,9 +17,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..quant.loading import QUANTIZE, bnb_config
 from .errors import UsageError
 
-QUANTIZE = ("nf4", "fp4", "int8")
+__all__ = ["QUANTIZE", "check", "load_kwargs", "stored_quantization"]
 
 
 def stored_quantization(model_dir: str | Path) -> str | None:
@@ -62,25 +63,14 @@ def check(args, model_dir: str | Path, zero_stage: int, tp: int) -> None:
                          "base; use data parallelism (ZeRO 0-2)")
 
 
-def bnb_config(kind: str, dtype: str) -> Any:
-    """The ``BitsAndBytesConfig`` of ``--quantize kind``: QLoRA's NF4/FP4 with double quantization
-    and ``--dtype`` as the compute dtype, or LLM.int8 (frozen int8 weights)."""
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    compute = torch.bfloat16 if dtype == "bf16" else torch.float32
-    if kind == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute)
-
-
 def load_kwargs(kind: str | None, dtype: str) -> dict[str, Any]:
     """Extra ``from_pretrained`` arguments: quantize onto this rank's device (bitsandbytes quantizes
     while loading, so the weights never exist unquantized on the GPU)."""
     if kind is None:
         return {}
+    import torch
     from deepspeed.accelerator import get_accelerator
 
-    return {"quantization_config": bnb_config(kind, dtype),
+    compute = torch.bfloat16 if dtype == "bf16" else torch.float32
+    return {"quantization_config": bnb_config(kind, compute),
             "device_map": {"": get_accelerator().current_device_name()}}
