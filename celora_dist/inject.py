@@ -14,7 +14,7 @@ from .factor_plan import plan_factors
 from .factors import check_r0
 from .head import sparsify_lm_head
 from .layer import CELoRALinear, needs_factors
-from .quant.bnb import is_quantized
+from .quant.bnb import check_trainable_base, is_quantized
 from .quant.layer import CELoRAQuantLinear
 
 
@@ -38,7 +38,10 @@ def _checked_targets(model: nn.Module, cfg: CELoRAConfig, caller: str) -> dict[s
             f"{caller}: target module(s) {unmatched} match no nn.Linear in "
             f"{type(model).__name__}; its linear modules are named {leaves}"
         )
-    return {n: model.get_submodule(n) for n in linear_names if cfg.keep_for(n) is not None}
+    targets = {n: model.get_submodule(n) for n in linear_names if cfg.keep_for(n) is not None}
+    for name, linear in targets.items():  # before the SVD plan reads the storage (CELoRAQuantLinear checks too late)
+        check_trainable_base(linear, name)
+    return targets
 
 
 def _split_factors(linears: dict[str, nn.Linear], cfg: CELoRAConfig, group, factor_cache, verbose: bool,

@@ -70,6 +70,13 @@ def check_trainable_base(module: nn.Module, name: str = "") -> None:
     kind = quant_type(module)
     if kind is not None and kind not in QUANT_TYPES:
         raise ValueError(f"{where}: bitsandbytes quant type {kind!r} is not supported (supported: {QUANT_TYPES})")
+    if kind in ("nf4", "fp4") and getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+        # bitsandbytes 0.50 repacks a Linear4bit on its first eval-mode no-grad forward on an AVX512-BF16
+        # CPU: another byte layout, bf16 scales. Every reader here (row gather, dequantize, matmul_4bit
+        # on weight.t()) then returns wrong values, and bnb's inverse restores neither (lossy bf16 scales).
+        raise ValueError(f"{where}: this 4-bit weight was repacked by bitsandbytes' CPU inference path (an "
+                         "eval-mode forward without gradients on an AVX512-BF16 CPU), which CE-QLoRA cannot read; "
+                         "load the model afresh and convert it before running it for inference")
 
 
 def _int8_scales(module: nn.Module) -> Tensor:
