@@ -24,7 +24,6 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.tuners.lora import bnb as peft_bnb
-from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -419,7 +418,8 @@ def test_for_trainer_on_a_4bit_llama_equals_peft_qlora_and_round_trips(llama_dir
     assert len(targets) == 14
     for name, module in targets.items():
         if name.endswith(APPROX):
-            assert type(module) is PeftLoraLinear and type(module.base_layer) is CELoRAQuantLinear
+            # PEFT's QLoRA layer around our r = 0 layer: its merge knows the 4-bit storage
+            assert type(module) is peft_bnb.Linear4bit and type(module.base_layer) is CELoRAQuantLinear
             assert module.base_layer.r == 0 and not module.base_layer.is_exact
         else:
             assert type(module) is peft_bnb.Linear4bit
@@ -451,6 +451,18 @@ def test_for_trainer_on_a_4bit_llama_equals_peft_qlora_and_round_trips(llama_dir
     peft_model.save_pretrained(str(tmp_path / "adapter"))
     reloaded = PeftModel.from_pretrained(load_4bit(llama_dir), str(tmp_path / "adapter"))
     assert rel(logits(reloaded, ids), ours) < FP32
+
+    # merge_and_unload as for any PEFT QLoRA model: W0' = quantize(deq(W0) + s·B A), plain bitsandbytes
+    # layers left (the stored bytes of PEFT's own re-quantization of the same sum, bit for bit)
+    layer = peft_model.base_model.model.model.layers[0].mlp.up_proj
+    inner = layer.base_layer.base_layer
+    delta = (layer.lora_B["default"].weight @ layer.lora_A["default"].weight) * layer.scaling["default"]
+    expected = Q.dequantize(inner, torch.float32) + delta
+    merged = peft_model.merge_and_unload()
+    up = merged.model.layers[0].mlp.up_proj
+    assert type(up) is bnb.nn.Linear4bit and not any(isinstance(m, CELoRALinear) for m in merged.modules())
+    requantized = bnb.nn.Params4bit(expected, requires_grad=False, quant_type="nf4", compress_statistics=True).to("cpu")
+    assert torch.equal(up.weight.data, requantized.data)
 
 
 # -- 7. bad input ----------------------------------------------------------------------
