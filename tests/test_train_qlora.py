@@ -136,11 +136,16 @@ def stored_4bit(assets, tmp_path_factory):
     return folder
 
 
-def test_a_stored_4bit_folder_trains_as_ce_qlora_without_the_flag(assets, stored_4bit, tmp_path):
-    proc = run_train(["--model", str(stored_4bit), "--data", str(assets["mc"]), *TINY_FLAGS, "--max-steps", "3",
-                      "--refresh-every", "2", "--eval-samples", "8", "--output-dir", str(tmp_path / "out")])
+def test_a_stored_4bit_folder_trains_with_preset_fast_under_zero1(assets, stored_4bit, tmp_path):
+    """No --quantize: the stored quantization is used; --preset fast (all seven adaptive, vocab-sparse head)."""
+    out = tmp_path / "out"
+    proc = run_train(["--model", str(stored_4bit), "--data", str(assets["mc"]), *TINY_FLAGS, "--max-steps", "4",
+                      "--refresh-every", "2", "--eval-samples", "8", "--preset", "fast", "--deepspeed_config",
+                      "ds_configs/zero1.json", "--dump-celora-state", "--output-dir", str(out)])
     assert proc.returncode == 0, show(proc)
-    assert len(train_losses(tmp_path / "out")) == 3
+    assert len(train_losses(out)) == 4 and "ZeRO-1" in proc.stdout + proc.stderr
+    state = _state(out, 0)
+    assert "lm_head" in state and len(state) == 14 + 1  # 14 adaptive projections + the vocab-sparse head
 
 
 def test_bad_quantized_runs_fail_fast_in_process(assets, stored_4bit, tmp_path, clean_env, monkeypatch):
