@@ -127,11 +127,11 @@ class _CELoRAFunction(torch.autograd.Function):
         s = layer.scaling
         dtype = compute_dtype(x)
         fused = xd is x
+        xc = cast(x, dtype)
+        y = layer._frozen_product(xc, weight, bias)
         with autocast_off(x):
-            xc = cast(x, dtype)
             xdc = xc if fused else cast(xd, dtype)
             xA = F.linear(xdc, cast(lora_A, dtype))
-            y = F.linear(xc, cast(weight, dtype), cast(bias, dtype))
             if layer.r:  # r = 0: the frozen linear alone (a PEFT LoRA around it adds the adapter)
                 y = add_lora_output(y, xA, cast(lora_B, dtype), s)
         save_context(ctx, layer, x, xd, lora_A, lora_B, fused)
@@ -337,7 +337,7 @@ class CELoRALinear(ScheduledModule, nn.Module):
         if self.r:
             lora_A, lora_B = self.lora_A.weight, self.lora_B.weight
         else:  # rank-0 stand-ins: the backward's algebra stays one code path
-            lora_A, lora_B = weight.new_empty(0, self.in_features), weight.new_empty(self.out_features, 0)
+            lora_A, lora_B = x.new_empty(0, self.in_features), x.new_empty(self.out_features, 0)
         return _CELoRAFunction.apply(x, xd, weight, self.base_layer.bias, lora_A, lora_B, self.B0, self.A0, self)
 
     # -- backward hooks (called from local_backward / the autograd Function) -------
@@ -372,6 +372,11 @@ class CELoRALinear(ScheduledModule, nn.Module):
 
             choice.measure({b: (lambda b=b: run(b)) for b in choice.candidates(device.type)}, device)
         return choice.active(device.type)
+
+    def _frozen_product(self, xc: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """``xc W0ᵀ + b`` in xc's dtype (the compute dtype): the frozen half of the forward."""
+        with autocast_off(xc):
+            return F.linear(xc, cast(weight, xc.dtype), cast(bias, xc.dtype))
 
     def _frozen_dx(self, G: Tensor, weight: Tensor, selected: Tensor | None, left: Tensor | None,
                    right: Tensor | None, backend: str | None = None) -> Tensor:

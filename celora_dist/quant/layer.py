@@ -1,8 +1,9 @@
 """CELoRAQuantLinear: CE-LoRA over a bitsandbytes-quantized frozen weight (CE-QLoRA).
 
 The forward is QLoRA's: bitsandbytes' own product of the quantized W0 (its compute dtype
-honoured) plus the LoRA branch. The backward is CE-LoRA's (``celora_dist/layer.py``) with one
-change of operand: the frozen rows the dX op reads are dequantized on the spot,
+honoured) plus the LoRA branch. The backward is CE-LoRA's (``celora_dist/layer.py``, the same
+autograd Function) with one change of operand: the frozen rows the dX op reads are dequantized
+on the spot,
 
     dX = G[:, I] · deq(W0[I]) + (G B0_Ī) A0 + s·(G B) A,
 
@@ -19,40 +20,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..factors import double_lora_factors, seed_of
 from ..kernels import grad_input
-from ..layer import CELoRALinear, add_lora_output, input_grads, local_backward, save_context
-from ..precision import autocast_off, cast, compute_dtype
-from ..scheduled import graph_boundary
+from ..layer import CELoRALinear
+from ..precision import cast
 from . import bnb as Q
-
-
-class _CEQLoRAFunction(torch.autograd.Function):
-    """y = bnb(x; W0) + s (xd Aᵀ) Bᵀ with the CE-LoRA backward over dequantized rows."""
-
-    @staticmethod
-    def forward(ctx, x, xd, weight, bias, lora_A, lora_B, B0, A0, layer):
-        dtype = compute_dtype(x)
-        fused = xd is x
-        y = cast(Q.frozen_product(layer.base_layer, x), dtype)  # under the ambient autocast, as bnb runs
-        with autocast_off(x):
-            xdc = cast(x if fused else xd, dtype)
-            xA = F.linear(xdc, cast(lora_A, dtype))
-            if layer.r:
-                y = add_lora_output(y.contiguous(), xA, cast(lora_B, dtype), layer.scaling)
-        save_context(ctx, layer, x, xd, lora_A, lora_B, fused)
-        ctx.save_for_backward(xdc, weight, lora_A, lora_B, B0, A0, xA)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        layer: CELoRAQuantLinear = ctx.layer
-        dX, approx, dXd, dA, dB = local_backward(ctx, grad_out)
-        dX, dA = layer._combine_backward(ctx.fused, dX, approx, dA)
-        return input_grads(ctx, dX, dXd, dA, dB)
 
 
 class CELoRAQuantLinear(CELoRALinear):
@@ -78,16 +52,9 @@ class CELoRAQuantLinear(CELoRALinear):
     def _own_factors(self, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return quantized_factors(self.base_layer, self.r0, self.options.svd)
 
-    @graph_boundary
-    def forward(self, x: Tensor) -> Tensor:
-        xd = self.lora_dropout(x)
-        weight = self.base_layer.weight
-        if self.r:
-            lora_A, lora_B = self.lora_A.weight, self.lora_B.weight
-        else:
-            lora_A = x.new_empty(0, self.in_features, dtype=torch.float32)
-            lora_B = x.new_empty(self.out_features, 0, dtype=torch.float32)
-        return _CEQLoRAFunction.apply(x, xd, weight, self.base_layer.bias, lora_A, lora_B, self.B0, self.A0, self)
+    def _frozen_product(self, xc: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        # bitsandbytes' product under the ambient autocast, as its own layer runs (quant/bnb.py)
+        return cast(Q.frozen_product(self.base_layer, xc), xc.dtype)
 
     def _frozen_dx(self, G: Tensor, weight: Tensor, selected: Tensor | None, left: Tensor | None,
                    right: Tensor | None, backend: str | None = None) -> Tensor:
