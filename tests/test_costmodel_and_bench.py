@@ -11,7 +11,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from celora_dist import CELoRAConfig
-from celora_dist.costmodel import flop_ceiling, layer_flops
+from celora_dist.costmodel import (ModelShape, dequant_cost, dequant_elements, flop_ceiling, layer_flops,
+                                   step_dequant)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,6 +30,54 @@ def test_layer_flops_formula():
     assert fwd == 2 * 100 * 50
     assert dx == 2 * 50 * (55 + 14 + 14) + 2 * (100 - 55) * 14
     assert layer_flops(100, 50, 1.0, 14, 14) == (10000.0, 10000.0)
+
+
+def _pair(cost):
+    return cost.elements, cost.bytes_read
+
+
+def test_dequant_cost_formula():
+    """Per backward: QLoRA dequantizes all m·n weights, CE-QLoRA k·n; bytes = the rows' 4-bit codes
+    (1/2 byte each) + their fp32 absmax (1 per 64) + the whole double-quantized absmax (uint8 codes
+    + an fp32 scale per 256 of them), written out for m=256, n=128, keep 0.55 (k = 141)."""
+    m, n, k = 256, 128, 141
+    assert dequant_elements(m, n, None) == dequant_elements(m, n, 1.0) == m * n
+    assert dequant_elements(m, n, 0.55) == k * n
+    nested = m * n / 64 + 4 * m * n / (64 * 256)
+    assert _pair(dequant_cost(m, n, None)) == (m * n, m * n / 2 + 4 * m * n / 64 + nested)
+    assert _pair(dequant_cost(m, n, 0.55)) == (k * n, k * n / 2 + 4 * k * n / 64 + nested)
+    assert dequant_cost(m, n, 0.55, double_quant=False).bytes_read == k * n / 2 + 4 * k * n / 64
+    assert dequant_cost(m, n, 0.55, blocksize=128, double_quant=False).bytes_read == k * n / 2 + 4 * k * n / 128
+    assert _pair(dequant_cost(m, n, 0.55, bits=8)) == (k * n, k * n + 4 * k)  # int8 rows + fp32 row scales
+    with pytest.raises(ValueError, match="bits"):
+        dequant_cost(m, n, 0.5, bits=3)
+
+
+def test_step_dequant_by_hand():
+    """One decoder layer of hidden 64, intermediate 128, kv 32 (heads 4, kv heads 2), the released
+    keeps (v/o 0.55, up/down 0.65, q/k/gate exact): every projection is dequantized whole in each
+    forward pass and in QLoRA's backward; CE-QLoRA's backward dequantizes k rows of v/o/up/down."""
+    shape = ModelShape(hidden=64, intermediate=128, layers=3, heads=4, kv_heads=2, vocab=100)
+    full = {"q": 64 * 64, "k": 32 * 64, "v": 32 * 64, "o": 64 * 64, "gate": 128 * 64, "up": 128 * 64,
+            "down": 64 * 128}
+    kept = {"q": 64 * 64, "k": 32 * 64, "v": 18 * 64, "o": 36 * 64, "gate": 128 * 64, "up": 84 * 64,
+            "down": 42 * 128}  # ceil(0.55·32) = 18, ceil(0.55·64) = 36, ceil(0.65·128) = 84, ceil(0.65·64) = 42
+    cfg = CELoRAConfig()
+    d = step_dequant(shape, cfg)
+    assert d.forward == d.backward_qlora == 3 * sum(full.values())
+    assert d.backward_celora == 3 * sum(kept.values())
+    assert d.ratio == pytest.approx(2 * sum(full.values()) / (sum(full.values()) + sum(kept.values())))
+    assert d.backward_ratio == pytest.approx(sum(full.values()) / sum(kept.values()))
+    nested = lambda mn: mn / 64 + 4 * mn / (64 * 256)  # noqa: E731
+    read = lambda rows_n, mn: rows_n / 2 + 4 * rows_n / 64 + nested(mn)  # noqa: E731
+    assert d.bytes_qlora == pytest.approx(3 * sum(read(v, v) for v in full.values()))
+    assert d.bytes_celora == pytest.approx(3 * sum(read(kept[p], full[p]) for p in full))
+    ckpt = step_dequant(shape, cfg, checkpointing=True)
+    assert ckpt.forward == 2 * d.forward and ckpt.backward_celora == d.backward_celora
+    assert step_dequant(shape, cfg, refresh=True).backward_ratio == 1.0  # refresh steps are exact
+    auto = CELoRAConfig(keep={p: "auto" for p in ("v_proj", "o_proj")}, exact=())
+    fixed = CELoRAConfig(keep={p: 0.5 for p in ("v_proj", "o_proj")}, exact=())
+    assert step_dequant(shape, auto, auto_keep=0.5) == step_dequant(shape, fixed)
 
 
 @pytest.mark.parametrize("shape,ckpt,head_keep,expected", [
