@@ -140,3 +140,27 @@ def test_end_to_end_benchmark_smoke():
         for col in ("fwd_ms", "bwd_ms", "step_ms", "step_iqr_ms", "tokens_per_s", "speedup", "ceiling",
                     "act_mem_mb"):
             assert finite(cells[col]), (col, row)
+
+
+def test_scale_on_paper_qlora_rows(capsys):
+    """bench/scale_on_paper.py --qlora: one row per model, T and CE-QLoRA config, each the cost
+    model's step_dequant beside its step_flops ratio (T changes the FLOP ratio, not dequantization)."""
+    import importlib.util
+
+    from celora_dist import preset
+    from celora_dist.costmodel import MODEL_SHAPES, step_flops
+
+    spec = importlib.util.spec_from_file_location("scale_on_paper", ROOT / "bench" / "scale_on_paper.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--qlora", "--models", "llama-3-8b", "--seq-lens", "512", "2048", "--fast-keep", "0.5"])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("|")]
+    assert lines[0] == "| " + " | ".join(bench.QLORA_COLUMNS) + " |" and len(lines) == 2 + len(rows) == 2 + 4
+    shape = MODEL_SHAPES["llama-3-8b"]
+    fast = {r["T"]: r for r in rows if r["config"] == "fast"}
+    d = step_dequant(shape, preset("fast"), auto_keep=0.5)
+    for T, row in fast.items():
+        assert row["deq_qlora_G"] == d.qlora / 1e9 and row["deq_celora_G"] == d.celora / 1e9
+        assert row["bwd_deq_ratio"] == d.backward_ratio > row["deq_ratio"] > 1.0
+        assert row["step_ratio"] == step_flops(shape, preset("fast"), T, auto_keep=0.5).ratio
+    assert fast[512]["deq_ratio"] == fast[2048]["deq_ratio"] and fast[512]["step_ratio"] != fast[2048]["step_ratio"]
