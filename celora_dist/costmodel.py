@@ -281,9 +281,10 @@ class StepDequant:
     """Dequantization per training step (not per token: a weight is dequantized once per pass,
     whatever the batch) of a decoder whose seven projections are stored quantized.
 
-    ``forward``: the forward passes, alike for both (bitsandbytes' 4-bit product dequantizes the
-    whole weight for more than one token). ``backward_*``: the dX of every projection — QLoRA all
-    m rows, CE-QLoRA k rows on its approximate layers. Embeddings and the LM head stay dense.
+    ``forward``: the forward passes, alike for both (bitsandbytes 0.50's 4-bit product is
+    dequantize + GEMM past a few tokens, or a fused kernel reading every code). ``backward_*``:
+    the dX of every projection — QLoRA all m rows, CE-QLoRA k rows on its approximate layers.
+    Embeddings and the LM head stay dense.
     """
 
     forward: float
@@ -317,9 +318,11 @@ def step_dequant(model_or_shape, cfg: CELoRAConfig, checkpointing: bool = False,
     """Elements (and bytes read) dequantized in one step, PEFT QLoRA vs CE-QLoRA with ``cfg``.
 
     Every projection is quantized (as ``load_in_4bit`` stores them), targeted or not: a layer
-    ``cfg`` leaves untargeted or exact, and every layer on a ``refresh`` step, dequantizes all
-    m rows in backward; an approximate one k rows. Forward passes: 1, or 2 with checkpointing.
-    ``auto_keep`` stands in for "auto" keeps, as in :func:`step_flops`.
+    ``cfg`` leaves untargeted or exact dequantizes all m rows in backward, an approximate one k
+    rows, and on a ``refresh`` step m + k (the exact dX, and the estimate of the indices in use
+    whose error the step measures: ``layer.local_backward``; the very first step has no indices
+    yet and dequantizes m). Forward passes: 1, or 2 with checkpointing. ``auto_keep`` stands in
+    for "auto" keeps, as in :func:`step_flops`.
     """
     shape = ModelShape.of(model_or_shape)
     passes = 2.0 if checkpointing else 1.0
@@ -328,12 +331,13 @@ def step_dequant(model_or_shape, cfg: CELoRAConfig, checkpointing: bool = False,
         keep = cfg.keep_for(name)
         keep = auto_keep if keep == AUTO else keep
         full = dequant_cost(m, n, None, bits, blocksize, double_quant)
-        part = full if refresh else dequant_cost(m, n, keep, bits, blocksize, double_quant)
+        part = dequant_cost(m, n, keep, bits, blocksize, double_quant)
         fwd += passes * full.elements
         fwd_bytes += passes * full.bytes_read
         bq += full.elements
         bytes_q += full.bytes_read
-        bc += part.elements
-        bytes_c += part.bytes_read
+        approximate = part.elements < full.elements
+        bc += part.elements + (full.elements if refresh and approximate else 0.0)
+        bytes_c += part.bytes_read + (full.bytes_read if refresh and approximate else 0.0)
     L = shape.layers
     return StepDequant(L * fwd, L * bq, L * bc, L * fwd_bytes, L * bytes_q, L * bytes_c)

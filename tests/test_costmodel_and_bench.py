@@ -11,8 +11,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from celora_dist import CELoRAConfig
-from celora_dist.costmodel import (ModelShape, dequant_cost, dequant_elements, flop_ceiling, layer_flops,
-                                   step_dequant)
+from celora_dist.costmodel import (LLAMA_PROJECTIONS, ModelShape, dequant_cost, dequant_elements, flop_ceiling,
+                                   layer_flops, step_dequant)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,7 +74,10 @@ def test_step_dequant_by_hand():
     assert d.bytes_celora == pytest.approx(3 * sum(read(kept[p], full[p]) for p in full))
     ckpt = step_dequant(shape, cfg, checkpointing=True)
     assert ckpt.forward == 2 * d.forward and ckpt.backward_celora == d.backward_celora
-    assert step_dequant(shape, cfg, refresh=True).backward_ratio == 1.0  # refresh steps are exact
+    # a refresh step: the exact dX (all rows) and the estimate of the indices in use (k rows)
+    approx = ("v", "o", "up", "down")
+    assert step_dequant(shape, cfg, refresh=True).backward_celora == 3 * (
+        sum(full.values()) + sum(kept[p] for p in approx))
     auto = CELoRAConfig(keep={p: "auto" for p in ("v_proj", "o_proj")}, exact=())
     fixed = CELoRAConfig(keep={p: 0.5 for p in ("v_proj", "o_proj")}, exact=())
     assert step_dequant(shape, auto, auto_keep=0.5) == step_dequant(shape, fixed)
@@ -164,3 +167,59 @@ def test_scale_on_paper_qlora_rows(capsys):
         assert row["bwd_deq_ratio"] == d.backward_ratio > row["deq_ratio"] > 1.0
         assert row["step_ratio"] == step_flops(shape, preset("fast"), T, auto_keep=0.5).ratio
     assert fast[512]["deq_ratio"] == fast[2048]["deq_ratio"] and fast[512]["step_ratio"] != fast[2048]["step_ratio"]
+
+
+def test_step_dequant_is_what_the_4bit_backwards_dequantize(tmp_path, monkeypatch):
+    """costmodel.step_dequant's backward terms against what runs: the weights bitsandbytes'
+    ``dequantize_4bit`` returns during one backward of a 4-bit tiny LLaMA — PEFT QLoRA (bitsandbytes'
+    MatMul4Bit backward) all m·n per projection; CE-QLoRA m·n on step 0 (no indices yet), k·n on its
+    approximate layers between refreshes, (m + k)·n on a later refresh step."""
+    import bitsandbytes.functional as bF
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from celora_dist import inject_celora, on_optimizer_step
+
+    from .conftest import tiny_llama
+
+    base = tiny_llama(hidden_size=128, intermediate_size=192)  # in_features multiples of the block size 64
+    base.save_pretrained(tmp_path)
+    shape = ModelShape.of(base)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+
+    def four_bit():
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, device_map="cpu")
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model.enable_input_require_grads()  # layer 0's q/k/v need their dX too, as the cost model counts
+        return model
+
+    seen: list[int] = []
+    original = bF.dequantize_4bit
+
+    def counting(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen.append(out.numel())
+        return out
+
+    monkeypatch.setattr(bF, "dequantize_4bit", counting)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def backward_elements(model) -> int:
+        loss = model(input_ids=ids, labels=ids).loss
+        seen.clear()
+        loss.backward()
+        return sum(seen)
+
+    cfg = CELoRAConfig(refresh_every=2)
+    peft = get_peft_model(four_bit(), LoraConfig(r=8, target_modules=list(LLAMA_PROJECTIONS)))
+    assert backward_elements(peft) == step_dequant(shape, cfg).backward_qlora
+    ce = four_bit()
+    inject_celora(ce, cfg, verbose=False)
+    counts = []
+    for _ in range(3):  # step 0 refresh (no indices yet), step 1 approximate, step 2 refresh
+        counts.append(backward_elements(ce))
+        on_optimizer_step(ce)
+    d, refresh = step_dequant(shape, cfg), step_dequant(shape, cfg, refresh=True)
+    assert counts == [d.backward_qlora, d.backward_celora, refresh.backward_celora]
+    assert d.backward_celora < d.backward_qlora < refresh.backward_celora
