@@ -165,7 +165,7 @@ def method_config(name: str) -> CELoRAConfig | None:
 
 
 class StepRunner(Runner):
-    """bench/end_to_end.py's Runner with the optimizer step timed too and the forward under autocast."""
+    """bench/end_to_end.py's Runner, its forward under torch.autocast for bf16 runs (as a bf16 Trainer)."""
 
     def __init__(self, model, ids, device: str, checkpointing: bool, autocast: torch.dtype | None):
         super().__init__(model, ids, device, checkpointing)
