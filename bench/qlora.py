@@ -46,7 +46,6 @@ are still measured.
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import json
 import math

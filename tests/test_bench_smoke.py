@@ -1,6 +1,6 @@
 """The benchmarks run at their smoke sizes and print well-formed tables: bench/layer_backward.py,
-bench/step_profile.py (tiny model), bench/pareto.py, bench/backend_choice.py, bench/qlora.py and bench/gpu.sh (DEVICE=cpu,
---dry-run, a step cut off by its limit) with its probe bench/gpu_probe.py.
+bench/step_profile.py (tiny model), bench/pareto.py, bench/backend_choice.py, bench/qlora.py and
+bench/gpu.sh (DEVICE=cpu, --dry-run, a step cut off by its limit) with its probe bench/gpu_probe.py.
 
 No timing assertions (the machine is shared); the numbers must be finite and positive,
 the ratio columns must be the ratios of the printed times, and the profile's categories

@@ -211,7 +211,7 @@ def test_step_dequant_is_what_the_4bit_backwards_dequantize(tmp_path, monkeypatc
         loss.backward()
         return sum(seen)
 
-    cfg = CELoRAConfig(refresh_every=2)
+    cfg = CELoRAConfig(refresh_every=2, svd="exact")  # exact: the randomized split's QRs are slow on loaded cores
     peft = get_peft_model(four_bit(), LoraConfig(r=8, target_modules=list(LLAMA_PROJECTIONS)))
     assert backward_elements(peft) == step_dequant(shape, cfg).backward_qlora
     ce = four_bit()
