@@ -409,6 +409,21 @@ def test_inject_celora_trains_saves_and_merges_a_4bit_llama(llama_dir, tmp_path)
     assert rel(logits(merged, ids), reference) < FP32
 
 
+def test_split_of_a_quantized_layer_is_cached_under_its_stored_bytes(llama_dir, tmp_path):
+    """A second start on the same 4-bit base reads every split from the cache, bit for bit; the key is the
+    quantized storage's digest, so the same weights quantized as FP4 are a miss."""
+    cfg = CELoRAConfig(**{**CFG, "svd": "randomized"})
+    first = inject_celora(load_4bit(llama_dir), cfg, verbose=False, factor_cache=tmp_path)
+    second = inject_celora(load_4bit(llama_dir), cfg, verbose=False, factor_cache=tmp_path)
+    assert first.celora_summary["svd_computed"] == 8 and second.celora_summary["svd_cached"] == 8
+    for (name, a), (_, b) in zip(celora_layers(first), celora_layers(second)):
+        if not a.is_exact:
+            assert torch.equal(a.B0, b.B0) and torch.equal(a.A0, b.A0), name
+    fp4 = AutoModelForCausalLM.from_pretrained(llama_dir, device_map="cpu", quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32))
+    assert inject_celora(fp4, cfg, verbose=False, factor_cache=tmp_path).celora_summary["svd_cached"] == 0
+
+
 def test_for_trainer_on_a_4bit_llama_equals_peft_qlora_and_round_trips(llama_dir, tmp_path):
     cfg = CELoRAConfig(**CFG)
     peft_model, _ = for_trainer(prepare_model_for_kbit_training(load_4bit(llama_dir), use_gradient_checkpointing=False),

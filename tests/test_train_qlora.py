@@ -148,7 +148,7 @@ def test_a_stored_4bit_folder_trains_with_preset_fast_under_zero1(assets, stored
     assert "lm_head" in state and len(state) == 14 + 1  # 14 adaptive projections + the vocab-sparse head
 
 
-def test_bad_quantized_runs_fail_fast_in_process(assets, stored_4bit, tmp_path, clean_env, monkeypatch):
+def test_bad_quantized_runs_fail_fast_in_process(assets, stored_4bit, tmp_path, clean_env, monkeypatch, capsys):
     """One UsageError naming the culprit, before torch.distributed or any output exists."""
     import torch.distributed as dist
 
@@ -172,6 +172,9 @@ def test_bad_quantized_runs_fail_fast_in_process(assets, stored_4bit, tmp_path, 
         with pytest.raises(UsageError, match=pattern):
             train.main(argv)
         assert not dist.is_initialized() and not (tmp_path / "out").exists(), pattern
+    with pytest.raises(SystemExit):  # argparse's one error line after its usage
+        train.main(base + ["--quantize", "nf8"])
+    assert "error: argument --quantize: invalid choice: 'nf8'" in capsys.readouterr().err
     # tensor parallelism over 2 ranks: the check runs in prepare(), before any process group
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
