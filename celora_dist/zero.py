@@ -27,3 +27,19 @@ def gathered(params: list[Tensor], modifier_rank: int | None = None) -> ContextM
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
     return nullcontext()
+
+
+def gathered_for_read(params: list[Tensor]) -> ContextManager:
+    """Read-only gather of the ZeRO-3 partitioned ``params`` not already gathered.
+
+    For code that reads a module's parameters without calling the module (the chunked LM-head
+    loss reads the head's weight; its forward never runs). A parameter already AVAILABLE (a
+    head tied to the input embedding may still be gathered for it) is left alone: partitioning
+    it on exit would pull it from under its owner."""
+    if not is_partitioned(params):
+        return nullcontext()
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    pending = list({id(p): p for p in params if getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE}
+                   .values())
+    return gathered(pending) if pending else nullcontext()
