@@ -78,10 +78,12 @@ def enable_chunked_loss(model: nn.Module, chunk: int = DEFAULT_CHUNK) -> nn.Modu
         raise ValueError(f"enable_chunked_loss: {reason}")
     if not is_chunked(lm):
         lm.celora_forward_before_chunking = vars(lm).get("forward")  # None: the class's forward
+        names = tuple(p.name for p in inspect.signature(type(lm).forward).parameters.values()
+                      if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD)[1:]  # after self
 
         @functools.wraps(type(lm).forward)  # the original signature: generate and the HF Trainer inspect it
         def forward(self, *args: Any, **kwargs: Any):
-            return _forward(self, *args, **kwargs)
+            return _forward(self, names, *args, **kwargs)
 
         forward.celora_chunked = True
         lm.forward = types.MethodType(forward, lm)  # a bound method: deepcopy rebinds it to the copy
@@ -107,26 +109,24 @@ def disable_chunked_loss(model: nn.Module) -> nn.Module:
     return model
 
 
-@functools.lru_cache(maxsize=None)
-def _signature(cls: type) -> tuple[inspect.Signature, str]:
-    signature = inspect.signature(cls.forward)
-    return signature, next(p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD)
-
-
-def _forward(lm: nn.Module, *args: Any, **kwargs: Any):
-    signature, var_kw = _signature(type(lm))
-    arguments = signature.bind(lm, *args, **kwargs).arguments
-    extra = dict(arguments.pop(var_kw, {}))
-    labels, shift_labels, keep = arguments.get("labels"), extra.get("shift_labels"), arguments.get("logits_to_keep", 0)
-    if not lm.training or (labels is None and shift_labels is None) or not (isinstance(keep, int) and keep == 0):
-        original = lm.celora_forward_before_chunking or type(lm).forward.__get__(lm)
-        return original(*args, **kwargs)
+def _forward(lm: nn.Module, names: tuple[str, ...], *args: Any, **kwargs: Any):
+    """The chunked path for a training call with labels; the forward it replaced for every other call."""
+    named = {**dict(zip(names, args)), **kwargs} if len(args) <= len(names) else None
+    keep = 0 if named is None else named.get("logits_to_keep", 0)
+    if (named is None or not lm.training or (named.get("labels") is None and named.get("shift_labels") is None)
+            or not (isinstance(keep, int) and keep == 0)):
+        before = lm.celora_forward_before_chunking
+        # the class's function with self passed, not the bound method: Dynamo resolves a module's bound
+        # `forward` through the instance attribute, i.e. back to this function (infinite recursion under
+        # torch.compile, seen in the trainer's evaluation)
+        return before(*args, **kwargs) if before is not None else type(lm).forward(lm, *args, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    loss_kwargs = {k: extra.pop(k) for k in _LOSS_ONLY if k in extra}
-    return_dict = extra.pop("return_dict", None)
-    body = {k: v for k, v in arguments.items() if k not in ("self", "labels", "logits_to_keep")}
-    outputs = lm.base_model(**body, **extra)
+    labels = named.pop("labels", None)
+    named.pop("logits_to_keep", None)
+    loss_kwargs = {k: named.pop(k) for k in _LOSS_ONLY if k in named}
+    return_dict = named.pop("return_dict", None)
+    outputs = lm.base_model(**named)
     softcap_field = SUPPORTED[lm.config.model_type]
     loss = chunked_lm_head_loss(outputs.last_hidden_state, lm.get_output_embeddings(), labels,
                                 chunk=lm.celora_loss_chunk,

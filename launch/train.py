@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     tp_group, dp_group = P.process_groups(job.tp)  # DeepSpeed's TP x DP grid (tp_group None without TP)
     tokenizer, model = M.load(job.model_dir, args.dtype, args.seed, args.chat_template)  # seeded: same LoRA init
     celora_dist.inject_celora(model, args.celora, verbose=job.is_main, factor_cache=args.factor_cache)  # SVDs split over ranks
+    M.chunk_loss(model, args.loss_chunk, job.is_main)  # the LM-head loss a chunk at a time: no (T, V) logits
     P.shard_model(model, tp_group)  # TP: q/k/v/gate/up column-parallel, o/down row-parallel
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
