@@ -33,9 +33,12 @@ def gathered_for_read(params: list[Tensor]) -> ContextManager:
     """Read-only gather of the ZeRO-3 partitioned ``params`` not already gathered.
 
     For code that reads a module's parameters without calling the module (the chunked LM-head
-    loss reads the head's weight; its forward never runs). A parameter already AVAILABLE (a
-    head tied to the input embedding may still be gathered for it) is left alone: partitioning
-    it on exit would pull it from under its owner."""
+    loss reads the head's weight; the head's forward never runs). Inside a model's forward
+    DeepSpeed already gathers such a read itself (its parameter dict's access hook registers the
+    parameter as external to the running module; seen in the trainer: the head's weight arrives
+    AVAILABLE, untied and tied), so this matters for calls outside any module's forward. A
+    parameter already AVAILABLE is left alone: partitioning it on exit would pull it from under
+    its owner."""
     if not is_partitioned(params):
         return nullcontext()
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus

@@ -84,18 +84,32 @@ def test_compile_matches_eager_run(assets, single_celora, tmp_path):
                                                rel=1e-5)
 
 
+def _tied_copy(model_dir, out):
+    """The tiny test model with its LM head tied to the input embedding (as SmolLM2's is)."""
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return out
+
+
 def test_chunked_loss_flag_on_and_off_agree(assets, tmp_path):
-    """--loss-chunk 4 (several chunks per micro-batch, vocab-sparse head: scores summed over the chunks)
-    and --loss-chunk 0 (HF's full-logits path) train the same: losses, the head's and the layers' measured
-    errors and the adapter agree to fp32 rounding."""
+    """--loss-chunk 4 (several chunks per micro-batch; the vocab-sparse head's scores summed over them) and
+    --loss-chunk 0 (HF's full-logits path) train the same: losses, the head's and the layers' measured errors
+    and the adapter agree to fp32 rounding. Under ZeRO-3 with a tied head: the chunked loss gathers the
+    embedding's partitioned weight itself (the head module never runs)."""
     from safetensors.torch import load_file
 
+    model = _tied_copy(assets["model"], tmp_path / "tied")
     runs = {}
     for chunk in ("0", "4"):
         out = tmp_path / f"chunk{chunk}"
-        proc = run_train(["--model", str(assets["model"]), "--data", str(assets["mc"]), *TINY_FLAGS, "--max-steps", "8",
+        proc = run_train(["--model", str(model), "--data", str(assets["mc"]), *TINY_FLAGS, "--max-steps", "8",
                           "--refresh-every", "4", "--micro-batch", "8", "--head-keep", "0.3", "--loss-chunk", chunk,
-                          "--no-final-eval", "--output-dir", str(out)])
+                          "--deepspeed_config", "ds_configs/zero3.json", "--no-final-eval", "--output-dir", str(out)])
         assert proc.returncode == 0, show(proc)
         assert ("LM-head loss: 4 counted tokens per chunk" in proc.stdout) == (chunk == "4")
         runs[chunk] = out
