@@ -16,6 +16,10 @@ forward + backward of each under ``torch.profiler(profile_memory=True)``; ``peak
 highest "Total Allocated" the CPU allocator reported during it, i.e. what the step allocated on
 top of the weights and optimizer state already there. ``loss_diff``: |loss_full - loss_chunked|
 of the profiled step (same weights, same batch).
+
+``--sweep-chunks 256,512,...`` times the head's loss alone (hidden states of the model's width, its
+head weight, forward + backward of ``ForCausalLMLoss`` on the full logits vs ``chunked_lm_head_loss``
+at each chunk) with the same peak measure: the measurement behind the default chunk.
 """
 from __future__ import annotations
 
@@ -65,6 +69,20 @@ def load_model(name: str) -> torch.nn.Module:
     return model
 
 
+def peak_mb(fn) -> float:
+    """The highest "Total Allocated" (MB) the CPU allocator reported to the profiler while ``fn`` ran."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        events = json.loads(Path(path).read_text())["traceEvents"]
+    finally:
+        os.unlink(path)
+    return max((e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"), default=0) / 2**20
+
+
 class Runner:
     """One (method, path) model with its optimizer; ``step`` = forward, backward, AdamW, schedule."""
 
@@ -82,19 +100,15 @@ class Runner:
 
     def peak_mb(self) -> tuple[float, float]:
         """(peak MB allocated during one forward + backward, its loss); gradients dropped after."""
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            loss = self.model(input_ids=self.ids, labels=self.ids).loss
-            loss.backward()
+        losses = []
+
+        def forward_backward():
+            losses.append(self.model(input_ids=self.ids, labels=self.ids).loss)
+            losses[-1].backward()
+
+        peak = peak_mb(forward_backward)
         self.opt.zero_grad(set_to_none=True)
-        fd, path = tempfile.mkstemp(suffix=".json")
-        os.close(fd)
-        try:
-            prof.export_chrome_trace(path)
-            events = json.loads(Path(path).read_text())["traceEvents"]
-        finally:
-            os.unlink(path)
-        totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
-        return max(totals, default=0) / 2**20, float(loss.detach())
+        return peak, float(losses[-1].detach())
 
 
 def measure(base: torch.nn.Module, tokens: int, method: str, chunk: int, repeats: int) -> dict:
@@ -119,6 +133,47 @@ def measure(base: torch.nn.Module, tokens: int, method: str, chunk: int, repeats
             "full_step_s": times["full"], "chunked_step_s": times["chunked"]}
 
 
+SWEEP_COLUMNS = ["T", "chunk", "head_ms", "head_iqr_ms", "vs_full", "peak_mb"]
+SWEEP_FORMATS = {"head_ms": "{:.0f}", "head_iqr_ms": "{:.0f}", "vs_full": "{:.3f}", "peak_mb": "{:.0f}"}
+
+
+def sweep(base: torch.nn.Module, tokens: int, chunks: list[int], repeats: int) -> list[dict]:
+    """The head's loss alone, full logits vs each chunk: forward + backward to the hidden states."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from celora_dist.chunked_loss import chunked_lm_head_loss
+
+    head = base.get_output_embeddings()
+    head.weight.requires_grad_(False)  # frozen, as under LoRA
+    g = torch.Generator().manual_seed(tokens)
+    hidden = torch.randn(1, tokens, head.in_features, generator=g).requires_grad_(True)
+    labels = torch.randint(0, head.out_features, (1, tokens), generator=g)
+
+    def full():
+        ForCausalLMLoss(head(hidden), labels, head.out_features).backward()
+
+    cases = {"full": full}
+    for chunk in chunks:
+        cases[chunk] = lambda chunk=chunk: chunked_lm_head_loss(hidden, head, labels, chunk=chunk).backward()
+    times = {name: [] for name in cases}
+    for fn in cases.values():
+        fn()  # warm-up
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+            hidden.grad = None
+    full_med = sorted(times["full"])[len(times["full"]) // 2]
+    rows = []
+    for name, fn in cases.items():
+        med = sorted(times[name])[len(times[name]) // 2]
+        rows.append({"T": tokens, "chunk": name, "head_ms": 1e3 * med, "head_iqr_ms": 1e3 * iqr(times[name]),
+                     "vs_full": med / full_med, "peak_mb": peak_mb(fn), "head_step_s": times[name]})
+        hidden.grad = None
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m", "tiny"])
@@ -126,6 +181,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="tokens per chunk of the chunked path")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sweep-chunks", default=None,
+                   help="comma-separated chunk sizes: time the head's loss alone at each (instead of the steps)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
     p.add_argument("--json", default=None, help="write the rows, the machine and the load average here")
     p.add_argument("--smoke", action="store_true", help="tiny model, T = 48, chunk 16, 1 repeat: for the tests")
@@ -144,15 +201,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"load average {load_before[0]:.2f}", flush=True)
     base = load_model(a.model)
     rows = []
-    for tokens in (int(t) for t in a.tokens.split(",")):
+    if a.sweep_chunks:
+        for tokens in (int(t) for t in a.tokens.split(",")):
+            rows += sweep(base, tokens, [int(c) for c in a.sweep_chunks.split(",")], a.repeats)
+            print(f"# T={tokens} swept", flush=True)
+        print(markdown_table(rows, SWEEP_COLUMNS, SWEEP_FORMATS))
+        print("head_ms: forward + backward of the head's loss to the hidden states; vs_full = head_ms / the full "
+              "path's; peak_mb as for the steps.")
+    for tokens in (int(t) for t in a.tokens.split(",")) if not a.sweep_chunks else ():
         for method in methods:
             rows.append(measure(base, tokens, method, a.chunk, a.repeats))
             r = rows[-1]
             print(f"# T={tokens} {method}: full {r['full_ms']:.0f} ms / {r['full_peak_mb']:.0f} MB, chunked "
                   f"{r['chunked_ms']:.0f} ms / {r['chunked_peak_mb']:.0f} MB", flush=True)
-    print(markdown_table(rows, COLUMNS, FORMATS))
-    print("time_ratio = chunked_ms / full_ms (step: forward + backward + AdamW); *_iqr_ms: interquartile range over "
-          "the rounds; peak_mb: the most the step's forward + backward held allocated beyond what existed before it.")
+    if not a.sweep_chunks:
+        print(markdown_table(rows, COLUMNS, FORMATS))
+        print("time_ratio = chunked_ms / full_ms (step: forward + backward + AdamW); *_iqr_ms: interquartile range "
+              "over the rounds; peak_mb: the most the step's forward + backward held allocated beyond what existed "
+              "before it.")
     load_after = os.getloadavg()
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
     if a.json:

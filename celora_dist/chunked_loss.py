@@ -177,9 +177,10 @@ def chunked_lm_head_loss(hidden: Tensor, head: nn.Module, labels: Tensor | None 
 
     ``hidden``: (B, T, d) final hidden states; ``head``: the model's ``nn.Linear`` output
     embedding or a ``VocabSparseLMHead``; ``labels`` (B, T) are shifted as HF does, or
-    ``shift_labels`` (B, T), when given, are taken as they are (and ``labels`` ignored, as HF does). The loss is the mean over the micro-batch's
-    non-ignored tokens, or their sum over ``num_items_in_batch`` when given (HF Trainer's
-    gradient-accumulation normalisation). Under ZeRO-3 the head's parameters are gathered
+    ``shift_labels`` (B, T), when given, are taken as they are (``labels`` then ignored, as
+    in HF). The loss is the mean over the micro-batch's non-ignored tokens, or their sum
+    over ``num_items_in_batch`` when given (HF Trainer's gradient-accumulation
+    normalisation). Under ZeRO-3 the head's parameters are gathered
     for the call; a trainable head under ZeRO-3 is refused (its gradient would bypass
     DeepSpeed's partitioned reduction).
     """

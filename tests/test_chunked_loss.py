@@ -299,7 +299,7 @@ def test_supported_families_still_have_the_forward_it_reproduces():
         if softcap is None:
             assert between == [], (cls, between)
         else:
-            assert between and all(softcap in line or line == "logits = torch.tanh(logits)" for line in between), between
+            assert between and all(softcap in ln or ln == "logits = torch.tanh(logits)" for ln in between), between
         assert "loss = self.loss_function(" in after_head, cls
 
 
