@@ -67,14 +67,13 @@ class _Plan:
     sparse: "VocabSparseLMHead | None"  # a head that approximates (not keep 1); None: exact backward
 
 
-def _scores_of(s: Tensor, lse: Tensor, y: Tensor, t: Tensor | None, inv_n: Tensor, dtype: torch.dtype) -> Tensor:
-    """G = (softmax(s) − onehot(y)) ⊙ f' / N in ``dtype``, computed in place over ``s`` (consumed)."""
-    g = s.sub_(lse[:, None]).exp_()
-    g[torch.arange(g.shape[0], device=g.device), y] -= 1.0
+def _logit_grad(p: Tensor, y: Tensor, t: Tensor | None, inv_n: Tensor, dtype: torch.dtype) -> Tensor:
+    """G = (p − onehot(y)) ⊙ f' / N in ``dtype`` from the softmax ``p``, in place over ``p`` (and ``t``)."""
+    p[torch.arange(p.shape[0], device=p.device), y] -= 1.0
     if t is not None:  # d softcap(z)/dz = 1 − tanh²(z / cap)
-        g.mul_(t.square_().neg_().add_(1.0))
-    g.mul_(inv_n)
-    return cast(g, dtype)
+        p.mul_(t.square_().neg_().add_(1.0))
+    p.mul_(inv_n)
+    return cast(p, dtype)
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
@@ -101,24 +100,32 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         lses = []
 
         def logits(i: int, j: int) -> tuple[Tensor, Tensor | None]:
+            """The chunk's fp32 (softcapped) logits and tanh(z / cap); one (c, V) buffer without softcap."""
             s = F.linear(cast(x[i:j], dtype), w, b).float()  # HF: logits in `dtype`, the loss on their fp32 upcast
             if plan.softcap is None:
                 return s, None
-            t = torch.tanh(s / plan.softcap)
+            t = s.div_(plan.softcap).tanh_()
             return t * plan.softcap, t
 
-        # pass 1: the loss; the gradients where no selection has to wait for the whole batch
-        for i, j in spans:
+        def first_pass(i: int, j: int) -> None:
+            """The chunk's loss; its gradients unless a selection has to wait for the whole batch.
+            Softmax and logsumexp run in place over the logits (torch.logsumexp's temporaries held 3
+            (c, V) fp32 buffers at the peak, this 1); a function, so the buffer dies on return and the
+            next chunk's does not meet it."""
             s, t = logits(i, j)
-            lse = torch.logsumexp(s, dim=-1)
-            total += (lse - s.gather(1, y[i:j, None]).squeeze(1)).sum()
+            picked = s.gather(1, y[i:j, None]).squeeze(1)
+            top = s.amax(dim=-1)
+            e = s.sub_(top[:, None]).exp_()
+            sum_e = e.sum(dim=-1)
+            lse = top + sum_e.log()
+            total.add_((lse - picked).sum())
             if not need_grad:
-                continue
-            G = _scores_of(s, lse, y[i:j], t, inv_n, dtype)
+                return
+            G = _logit_grad(e.div_(sum_e[:, None]), y[i:j], t, inv_n, dtype)
             if sparse is not None:
-                scores += gradient_scores(G)
+                scores.add_(gradient_scores(G))
                 lses.append(lse)
-                continue
+                return
             if dx is not None:
                 dx[i:j] = grad_input(G, w)
             if dw is not None:
@@ -126,16 +133,22 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             if db is not None:
                 db.add_(G.sum(dim=0, dtype=torch.float32))
 
+        def second_pass(i: int, j: int, lse: Tensor, selected: Tensor, exact: Tensor | None) -> None:
+            """The chunk's G recomputed, dH with the batch's top-k rows (and exactly, on a measuring step)."""
+            s, t = logits(i, j)
+            G = _logit_grad(s.sub_(lse[:, None]).exp_(), y[i:j], t, inv_n, dtype)
+            dx[i:j] = grad_input(G, weight, selected)
+            if exact is not None:
+                exact[i:j] = grad_input(G, w)
+
+        for i, j in spans:
+            first_pass(i, j)
         exact = None
-        if sparse is not None:  # pass 2: the batch's top-k rows, each chunk's G recomputed
+        if sparse is not None:
             selected = topk_indices(scores * sparse.w_row_sq, sparse.k)
             exact = x.new_empty(x.shape) if sparse.measure_due() else None
             for (i, j), lse in zip(spans, lses):
-                s, t = logits(i, j)
-                G = _scores_of(s, lse, y[i:j], t, inv_n, dtype)
-                dx[i:j] = grad_input(G, weight, selected)
-                if exact is not None:
-                    exact[i:j] = grad_input(G, w)
+                second_pass(i, j, lse, selected, exact)
         ctx.sparse = sparse
         ctx.save_for_backward(dx, dw, db, exact)
         ctx.w_dtype, ctx.b_dtype = weight.dtype, None if bias is None else bias.dtype
