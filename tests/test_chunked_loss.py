@@ -138,7 +138,7 @@ def test_sparse_dh_is_the_top_k_rows_of_the_whole_batch_score():
     G, W = G.reshape(-1, 200), base.weight.detach().double()
     top = torch.topk(G.norm(dim=0) * W.norm(dim=1), head.k).indices
     torch.testing.assert_close(hidden.grad.double().reshape(-1, 16), G[:, top] @ W[top], rtol=1e-5, atol=1e-7)
-    first_chunk = G[1:5]  # the first 4 counted tokens
+    first_chunk = G[labels[:, 1:].reshape(-1) != -100][:4]  # the first chunk's 4 counted tokens
     assert set(torch.topk(first_chunk.norm(dim=0) * W.norm(dim=1), head.k).indices.tolist()) != set(top.tolist())
 
 
