@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tp", type=int, default=None,
                    help="tensor-parallel size: fills tensor_parallel.autotp_size of the DeepSpeed config "
                         "(ZeRO 0-2 only; default: the config's, else 1)")
+    g.add_argument("--sequence-parallel", type=int, default=None, metavar="N",
+                   help="Ulysses sequence parallelism (DeepSpeed's): N ranks train each sequence, 1/N of its "
+                        "tokens each; fills sequence_parallel_size of the DeepSpeed config (default: the config's, "
+                        "else 1). N divides the ranks and --seq-len; no TP, no --packing; sdpa attention")
     g.add_argument("--output-dir", default="runs/celora", help="metrics.jsonl, checkpoints/, adapter/")
     g.add_argument("--resume", default=None, help="checkpoint folder (or an output dir) to continue from")
     g.add_argument("--dist-timeout", type=float, default=600,
@@ -237,7 +241,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check the flags; fills ``args.celora`` (CELoRAConfig) and ``args.embedded``."""
     args = build_parser().parse_args(argv)
     may_be_zero = ("r0", "svd_oversample", "svd_niter", "warmup", "loss_chunk")
-    for flag in ("micro_batch", "grad_accum", "max_steps", "seq_len", "r", "refresh_every", "tp", *may_be_zero):
+    for flag in ("micro_batch", "grad_accum", "max_steps", "seq_len", "r", "refresh_every", "tp", "sequence_parallel",
+                 *may_be_zero):
         value = getattr(args, flag)
         if value is not None and value < (0 if flag in may_be_zero else 1):
             raise UsageError(f"--{flag.replace('_', '-')} must be {'non-negative' if flag in may_be_zero else 'positive'}, "
