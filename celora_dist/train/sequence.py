@@ -163,7 +163,8 @@ def shard(micro: dict[str, Any], sp_group: Any, device) -> dict[str, Any]:
     batch = {"input_ids": ids, "position_ids": positions, "labels": labels}
     adapter = UlyssesSPDataLoaderAdapter([batch], sp_rank=dist.get_rank(sp_group), sp_group=sp_group,
                                          sp_world_size=sp, device=device)
-    return {k: v.to(device) for k, v in next(iter(adapter)).items()}
+    # contiguous: the adapter's cut of a (B > 1, T) tensor is a strided view, which HF's loss .view()s
+    return {k: v.to(device).contiguous() for k, v in next(iter(adapter)).items()}
 
 
 def _grad_scale(engine, sp: int) -> int:
