@@ -128,6 +128,11 @@ def test_bad_sequence_parallel_runs_fail_fast_in_process(assets, tmp_path, clean
     (tag / "run_info.json").write_text(json.dumps(
         {"world_size": 2, "zero_stage": 2, "dtype": "fp32", "method": "celora", "tp_size": 1, "sp_size": 1,
          "dp_size": 2, "micro_batch": 4, "grad_accum": 1, "global_batch": 8}))
+    sp_ckpt = tmp_path / "sp_ckpt"
+    shutil.copytree(ckpt, sp_ckpt)
+    (sp_ckpt / "checkpoints" / "step000010" / "run_info.json").write_text(json.dumps(
+        {"world_size": 4, "zero_stage": 2, "dtype": "fp32", "method": "celora", "tp_size": 1, "sp_size": 2,
+         "dp_size": 2, "micro_batch": 4, "grad_accum": 1, "global_batch": 8}))
     sp_config = tmp_path / "sp4.json"
     sp_config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "sequence_parallel_size": 4}))
 
@@ -147,6 +152,8 @@ def test_bad_sequence_parallel_runs_fail_fast_in_process(assets, tmp_path, clean
          r"attn_implementation 'eager'; .* loads the model with attn_implementation=\"sdpa\""),
         (2, ["--sequence-parallel", "2", "--micro-batch", "8", "--resume", str(ckpt)],
          r"saved by a different set-up \(sp_size 1 -> 2\); .* --sequence-parallel size$"),
+        (2, ["--sequence-parallel", "2", "--micro-batch", "8", "--resume", str(sp_ckpt)],
+         r"saved by 2 data-parallel rank\(s\) of sequence-parallel 2, this run has 1; .* same number of ranks \(4\)$"),
     ]
     train = _load_train_module()
     for world, extra, pattern in cases:
@@ -155,7 +162,7 @@ def test_bad_sequence_parallel_runs_fail_fast_in_process(assets, tmp_path, clean
         monkeypatch.setenv("LOCAL_RANK", "0")
         out = tmp_path / f"out{len(os.listdir(tmp_path))}"
         with pytest.raises(UsageError, match=pattern) as caught:
-            train.main(base + extra + ["--output-dir", str(ckpt if "--resume" in extra else out)])
+            train.main(base + extra + ["--output-dir", extra[-1] if "--resume" in extra else str(out)])
         line, status = exit_report(caught.value)
         assert line.startswith("error: ") and "\n" not in line and status == 2, line
         assert not dist.is_initialized()

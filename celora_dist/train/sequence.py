@@ -24,8 +24,11 @@ Why each group:
   add up to the full sequence's. ZeRO 0/1/2 sum the gradients over the SP ranks
   (dividing by DP only): exact as is. ZeRO-3's reduce-scatter (its default) averages over
   the whole world, i.e. also divides by N: the backward loss is scaled by N there, what the
-  tutorial's differentiable all-gather does without the collective. Measured
-  (RECIPES.md "Ulysses sequence parallelism on CPU"; tests/test_train_sp.py).
+  tutorial's differentiable all-gather does without the collective. Measured 2026-12-03
+  against one process (fp32, tiny Llama, 20 steps): ZeRO 0/1/2/3 (and ZeRO-3 with
+  reduce_scatter false: factor 1) and SP 2 x DP 2 on 4 ranks, losses 7e-7, adapter 2.2e-6,
+  gradient norm 1.2e-6 relative, the same indices on every rank (tests/test_train_sp.py;
+  RECIPES.md "Ulysses sequence parallelism on CPU"). bf16: the first gradient norm within 4e-4.
 """
 from __future__ import annotations
 
