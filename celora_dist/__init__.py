@@ -6,8 +6,11 @@
 
     # Hugging Face Trainer / TRL SFTTrainer:
     model, callback = for_trainer(model, CELoRAConfig())   # a PeftModel + a TrainerCallback
+
+    enable_chunked_loss(model, 1024)   # training loss without the (tokens x vocab) logits
 """
 from .adapters import load_adapter, merge_celora, save_adapter
+from .chunked_forward import disable_chunked_loss, enable_chunked_loss
 from .config import CELoRAConfig
 from .inject import inject_celora
 from .layer import CELoRALinear
@@ -27,6 +30,8 @@ __all__ = [
     "load_celora_state_dict",
     "for_trainer",
     "preset",
+    "enable_chunked_loss",
+    "disable_chunked_loss",
 ]
 __version__ = "0.1.0"
 

@@ -27,3 +27,22 @@ def gathered(params: list[Tensor], modifier_rank: int | None = None) -> ContextM
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
     return nullcontext()
+
+
+def gathered_for_read(params: list[Tensor]) -> ContextManager:
+    """Read-only gather of the ZeRO-3 partitioned ``params`` not already gathered.
+
+    For code that reads a module's parameters without calling the module (the chunked LM-head
+    loss reads the head's weight; the head's forward never runs). Inside a model's forward
+    DeepSpeed already gathers such a read itself (its parameter dict's access hook registers the
+    parameter as external to the running module; seen in the trainer: the head's weight arrives
+    AVAILABLE, untied and tied), so this matters for calls outside any module's forward. A
+    parameter already AVAILABLE is left alone: partitioning it on exit would pull it from under
+    its owner."""
+    if not is_partitioned(params):
+        return nullcontext()
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    pending = list({id(p): p for p in params if getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE}
+                   .values())
+    return gathered(pending) if pending else nullcontext()

@@ -577,3 +577,28 @@ def test_compile_boundary_smoke(capsys):
         eager = rows[(row["method"], "eager")]["step_ms"]
         assert row["vs_eager"] == pytest.approx(eager / row["step_ms"])
     assert "| peft-lora+boundary | compiled |" in capsys.readouterr().out
+
+
+def test_chunked_head_smoke(tmp_path):
+    """bench/chunked_head.py --smoke: every method runs both paths, the two paths' losses agree, the ratio
+    and saved-memory columns are what the printed times and peaks give, and the JSON rows are written. A
+    child process on one thread: under load, two OpenMP threads made the start-up SVDs' small QRs 100x slower."""
+    import json
+
+    bench = _load(ROOT / "bench" / "chunked_head.py")
+    out = tmp_path / "chunked.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "chunked_head.py"), "--smoke", "--threads", "1", "--json", str(out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run(["timeout", "-k", "10", "300", *cmd], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    header, printed = _parse(proc.stdout)
+    assert header == bench.COLUMNS and [r["method"] for r in printed] == list(bench.METHODS)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == list(bench.METHODS)
+    for row in rows:
+        assert row["T"] == 48 and row["chunk"] == 16 and len(row["full_step_s"]) == len(row["chunked_step_s"]) == 1
+        for col in ("full_ms", "chunked_ms", "full_peak_mb", "chunked_peak_mb"):
+            assert math.isfinite(row[col]) and row[col] > 0, (col, row)
+        assert row["time_ratio"] == pytest.approx(row["chunked_ms"] / row["full_ms"])
+        assert row["peak_saved_mb"] == pytest.approx(row["full_peak_mb"] - row["chunked_peak_mb"])
+        assert row["loss_diff"] < 1e-5  # the same loss, to fp32 rounding

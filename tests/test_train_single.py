@@ -84,6 +84,46 @@ def test_compile_matches_eager_run(assets, single_celora, tmp_path):
                                                rel=1e-5)
 
 
+def _tied_copy(model_dir, out):
+    """The tiny test model with its LM head tied to the input embedding (as SmolLM2's is)."""
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return out
+
+
+def test_chunked_loss_flag_on_and_off_agree(assets, tmp_path):
+    """--loss-chunk 4 (several chunks per micro-batch; the vocab-sparse head's scores summed over them) and
+    --loss-chunk 0 (HF's full-logits path) train the same: losses, the head's and the layers' measured errors
+    and the adapter agree to fp32 rounding. Under ZeRO-3 with a tied head: the chunked loss gathers the
+    embedding's partitioned weight itself (the head module never runs)."""
+    from safetensors.torch import load_file
+
+    model = _tied_copy(assets["model"], tmp_path / "tied")
+    runs = {}
+    for chunk in ("0", "4"):
+        out = tmp_path / f"chunk{chunk}"
+        proc = run_train(["--model", str(model), "--data", str(assets["mc"]), *TINY_FLAGS, "--max-steps", "8",
+                          "--refresh-every", "4", "--micro-batch", "8", "--head-keep", "0.3", "--loss-chunk", chunk,
+                          "--deepspeed_config", "ds_configs/zero3.json", "--no-final-eval", "--output-dir", str(out)])
+        assert proc.returncode == 0, show(proc)
+        assert ("LM-head loss: 4 counted tokens per chunk" in proc.stdout) == (chunk == "4")
+        runs[chunk] = out
+    assert train_losses(runs["4"]) == pytest.approx(train_losses(runs["0"]), rel=1e-5)
+    errors = {c: {r["step"]: r["grad_rel_error"] for r in read_metrics(out) if "grad_rel_error" in r}
+              for c, out in runs.items()}
+    assert errors["4"].keys() == errors["0"].keys() == {0, 4}
+    for step, want in errors["0"].items():
+        assert "lm_head" in want and errors["4"][step] == pytest.approx(want, rel=1e-4)
+    adapter = {c: load_file(out / "adapter" / "adapter_model.safetensors") for c, out in runs.items()}
+    for key in adapter["0"]:
+        torch.testing.assert_close(adapter["4"][key], adapter["0"][key], rtol=1e-4, atol=1e-6)
+
+
 def test_single_process_lora_same_path_and_peft_adapter(assets, single_lora, single_celora):
     out, _ = single_lora
     _loss_falls(train_losses(out))
@@ -173,6 +213,7 @@ def _bad_inputs(assets, tmp):
         ("unknown compile backend", base + ["--compile", "nosuch"], r"--compile nosuch: not a torch.compile backend"),
         ("keep above 1", base + ["--keep", "v_proj=1.5"], r"--keep v_proj=1.5: keep must be in \(0, 1\]"),
         ("keep zero", base + ["--keep", "o_proj=0"], r"--keep o_proj=0: keep must be in \(0, 1\]"),
+        ("negative loss chunk", base + ["--loss-chunk", "-1"], r"--loss-chunk must be non-negative, got -1"),
         ("chat without template", ["--model", model, "--data", str(chat), "--eval-data", str(chat)],
          r"no chat template; give one with --chat-template FILE"),
         ("unknown reporter", base + ["--report-to", "tensorboard,mlflow"], r"--report-to: unknown reporter\(s\) \['mlflow'\]"),

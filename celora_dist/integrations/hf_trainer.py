@@ -30,6 +30,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..adapters import peft_lora_config
+from ..chunked_forward import enable_chunked_loss, unsupported_reason
 from ..config import CELoRAConfig
 from ..factor_plan import user_cache_dir
 from ..inject import inject_celora_backward
@@ -41,7 +42,8 @@ STATE_FILE = "celora_state.pt"  # in each checkpoint-N: the CE-LoRA schedule sta
 
 
 def for_trainer(model: nn.Module, cfg: CELoRAConfig | None = None, *, verbose: bool = True,
-                factor_cache: str | os.PathLike | None = "default") -> tuple[PeftModel, "CELoRACallback"]:
+                factor_cache: str | os.PathLike | None = "default",
+                loss_chunk: int | None = None) -> tuple[PeftModel, "CELoRACallback"]:
     """Prepare a causal LM for ``Trainer`` / ``SFTTrainer``: returns (peft_model, callback).
 
     ``model``: a plain (not yet PEFT-wrapped) Hugging Face model. Pass the callback to
@@ -49,7 +51,13 @@ def for_trainer(model: nn.Module, cfg: CELoRAConfig | None = None, *, verbose: b
     model already is one). Under torch.distributed this is collective (the SVD splits
     are shared out over the ranks, see ``celora_dist/factor_plan.py``). ``factor_cache``:
     a folder for the SVD splits, by default the trainer's ($CELORA_CACHE/factors or
-    ~/.cache/celora_dist/factors); None recomputes them every time.
+    ~/.cache/celora_dist/factors); None recomputes them every time. ``loss_chunk``: tokens
+    per chunk of the chunked LM-head loss (``celora_dist/chunked_forward.py``; the model's
+    training forward with labels then never holds the (T, V) logits and returns
+    ``logits=None``), None to keep HF's path. Plain ``Trainer`` benefits; TRL's
+    ``SFTTrainer`` computes its loss through its own chunked head (``fused_lm_head=True``),
+    which reads the head's weight directly, so there neither this nor a vocab-sparse head's
+    backward runs.
     """
     if factor_cache == "default":
         factor_cache = user_cache_dir() / "factors"
@@ -57,6 +65,10 @@ def for_trainer(model: nn.Module, cfg: CELoRAConfig | None = None, *, verbose: b
         raise ValueError("for_trainer: the model is already a PeftModel; pass the base model (for_trainer "
                          "adds the LoRA adapter itself, with CE-LoRA's backward under it)")
     cfg = cfg or CELoRAConfig()
+    if loss_chunk is not None:  # before any SVD: an unsupported model costs nothing
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"for_trainer: loss_chunk: {reason}")
     inject_celora_backward(model, cfg, verbose=verbose, factor_cache=factor_cache)
     lora_config = peft_lora_config(cfg, list(cfg.target_modules), getattr(model.config, "name_or_path", None))
     # PEFT's documented (experimental) hook for LoRA on a custom layer type: its own
@@ -66,6 +78,8 @@ def for_trainer(model: nn.Module, cfg: CELoRAConfig | None = None, *, verbose: b
     lora_config._register_custom_module({CELoRAQuantLinear: _peft_qlora_layer, CELoRALinear: PeftLoraLinear})
     peft_model = get_peft_model(model, lora_config)
     register_zero3_params(peft_model)
+    if loss_chunk is not None:
+        enable_chunked_loss(peft_model, loss_chunk)
     return peft_model, CELoRACallback(peft_model)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..chunked_forward import DEFAULT_CHUNK
 from ..config import AUTO, RELEASED_KEEP, SVD_METHODS, CELoRAConfig, is_error_budget, is_fraction
 from ..presets import PRESETS, preset
 from .checkpoint import find_checkpoint
@@ -109,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gradient clipping, 0 = off (default: the DeepSpeed config's gradient_clipping, else 1.0)")
     g.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 if the DeepSpeed config enables it, else fp32")
     g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--loss-chunk", type=int, default=DEFAULT_CHUNK, metavar="TOKENS",
+                   help="compute the LM-head loss and its backward TOKENS counted tokens at a time, never holding "
+                        "the (tokens x vocab) logits (exactly HF's loss and gradients, vocab-sparse head included; "
+                        "models whose head it cannot reproduce keep HF's path, with a note); 0 = HF's full-logits "
+                        "path")
     g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the model through DeepSpeed's engine.compile() (default backend: inductor; "
                         "e.g. aot_eager to skip code generation). CE-LoRA layers stay eager at the graph "
@@ -121,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tp", type=int, default=None,
                    help="tensor-parallel size: fills tensor_parallel.autotp_size of the DeepSpeed config "
                         "(ZeRO 0-2 only; default: the config's, else 1)")
+    g.add_argument("--sequence-parallel", type=int, default=None, metavar="N",
+                   help="Ulysses sequence parallelism (DeepSpeed's): N ranks train each sequence, 1/N of its "
+                        "tokens each; fills sequence_parallel_size of the DeepSpeed config (default: the config's, "
+                        "else 1). N divides the ranks and --seq-len; no TP, no --packing; sdpa attention")
     g.add_argument("--output-dir", default="runs/celora", help="metrics.jsonl, checkpoints/, adapter/")
     g.add_argument("--resume", default=None, help="checkpoint folder (or an output dir) to continue from")
     g.add_argument("--dist-timeout", type=float, default=600,
@@ -235,8 +245,9 @@ def check_compile_backend(backend: str) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check the flags; fills ``args.celora`` (CELoRAConfig) and ``args.embedded``."""
     args = build_parser().parse_args(argv)
-    may_be_zero = ("r0", "svd_oversample", "svd_niter", "warmup")
-    for flag in ("micro_batch", "grad_accum", "max_steps", "seq_len", "r", "refresh_every", "tp", *may_be_zero):
+    may_be_zero = ("r0", "svd_oversample", "svd_niter", "warmup", "loss_chunk")
+    for flag in ("micro_batch", "grad_accum", "max_steps", "seq_len", "r", "refresh_every", "tp", "sequence_parallel",
+                 *may_be_zero):
         value = getattr(args, flag)
         if value is not None and value < (0 if flag in may_be_zero else 1):
             raise UsageError(f"--{flag.replace('_', '-')} must be {'non-negative' if flag in may_be_zero else 'positive'}, "

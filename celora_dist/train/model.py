@@ -2,7 +2,8 @@
 
 :func:`check_targets` builds a weightless (meta-device) skeleton so a typo in the
 CE-LoRA targets costs a config read, not a model load; :func:`load` reads the
-tokenizer and the weights once every check has passed.
+tokenizer and the weights once every check has passed; :func:`chunk_loss` gives its
+training forward the chunked LM-head loss (--loss-chunk).
 """
 from __future__ import annotations
 
@@ -44,8 +45,11 @@ def check_chat(model_dir: str | Path, template_file: str | None, record: dict) -
 
 
 def load(model_dir: str | Path, dtype: str, seed: int, chat_template: str | None = None,
-         quantize: str | None = None) -> tuple[Any, Any]:
+         quantize: str | None = None, attn_implementation: str | None = None) -> tuple[Any, Any]:
     """(tokenizer, causal LM in ``dtype`` "fp32"/"bf16", KV cache off for training).
+
+    ``attn_implementation``: HF's choice when None; "sdpa" under --sequence-parallel (what
+    DeepSpeed's Ulysses attention wraps, sequence.py).
 
     Seeds torch with ``seed`` first: every rank then draws the same LoRA initialisation
     when the CE-LoRA layers are injected next. ``quantize`` ("nf4"/"fp4"/"int8"): the linear
@@ -60,6 +64,25 @@ def load(model_dir: str | Path, dtype: str, seed: int, chat_template: str | None
 
         use_template(tokenizer, chat_template)
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, **quantization.load_kwargs(quantize, dtype))
+    extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, **extra,
+                                                 **quantization.load_kwargs(quantize, dtype))
     model.config.use_cache = False
     return tokenizer, model
+
+
+def chunk_loss(model, tokens: int, verbose: bool) -> None:
+    """--loss-chunk TOKENS (0: off): the chunked LM-head loss wherever it is exactly the model's own loss;
+    elsewhere (celora_dist.chunked_forward.unsupported_reason) HF's full-logits path, said in a note."""
+    from ..chunked_forward import enable_chunked_loss, unsupported_reason
+
+    if tokens == 0:
+        return
+    reason = unsupported_reason(model)
+    if reason is not None:
+        if verbose:
+            print(f"note: --loss-chunk: {reason}; the loss takes HF's full-logits path", flush=True)
+        return
+    enable_chunked_loss(model, tokens)
+    if verbose:
+        print(f"LM-head loss: {tokens} counted tokens per chunk (no logits for the whole micro-batch)", flush=True)

@@ -67,6 +67,8 @@ class Run:
         layout = f"ZeRO-{job.zero_stage} x {job.world} rank(s)"
         if job.tp > 1:
             layout += f" (TP {job.tp} x DP {dp_world})"
+        if job.sp > 1:
+            layout += f" (sequence-parallel {job.sp} x DP {dp_world})"
         if self.previous_run is not None:
             self.metrics.message(f"--overwrite-output-dir: the earlier run is in {self.previous_run} until this "
                                  f"run's first checkpoint is complete")

@@ -1,0 +1,321 @@
+"""Chunked LM-head loss (celora_dist/chunked_loss.py, chunked_forward.py) against Hugging Face's own
+path (full logits, then ``ForCausalLMLoss``) on the same model: loss, LoRA gradients, the vocab-sparse
+head's indices, dH and error telemetry, ignore_index, num_items_in_batch, mixed precision, and that no
+(T, V) tensor is ever allocated.
+
+Tolerances: fp32 rtol 1e-5 (the chunked path sums the loss and the column scores in another order);
+bf16 rtol 2e-2 on gradients (one bf16 rounding of G and dH, as HF's path has)."""
+from __future__ import annotations
+
+import copy
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+import celora_dist.chunked_loss as chunked_loss_module
+import celora_dist.head as head_module
+from celora_dist import CELoRAConfig, for_trainer, inject_celora, on_optimizer_step, telemetry
+from celora_dist.chunked_forward import (SUPPORTED, disable_chunked_loss, enable_chunked_loss, is_chunked,
+                                         unsupported_reason)
+from celora_dist.chunked_loss import chunked_lm_head_loss
+
+from .conftest import tiny_llama
+
+SMALL = dict(r=4, r0=4, alpha=8, refresh_every=3)
+CHUNK = 5  # several chunks over the 3 x 12 micro-batch's counted tokens
+
+
+def batch(seed: int = 1, vocab: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and labels with an ignored prompt span, and one sequence (longer than a chunk) fully ignored."""
+    ids = torch.randint(0, vocab, (3, 12), generator=torch.Generator().manual_seed(seed))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    labels[1] = -100
+    labels[2, 4:7] = -100
+    return ids, labels
+
+
+def trained_like(model):
+    """LoRA B nonzero, so every LoRA parameter gets a nonzero gradient."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(hash(name) % 2**31))
+    return model.train()
+
+
+def twins(head_keep=None, method="celora", **model_kw):
+    cfg = CELoRAConfig(**SMALL, head_keep=head_keep) if method == "celora" else \
+        CELoRAConfig(**SMALL, keep={}, exact=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                               "down_proj"), head_keep=head_keep)
+    ref = trained_like(inject_celora(tiny_llama(**model_kw), cfg, verbose=False))
+    chunked = copy.deepcopy(ref)
+    enable_chunked_loss(chunked, CHUNK)
+    return ref, chunked
+
+
+def loss_and_grads(model, ids, labels, autocast=False, **kw):
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(input_ids=ids, labels=labels, **kw)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def assert_same_grads(got, want, rtol=1e-5, atol=1e-7):
+    assert got.keys() == want.keys() and want
+    for name in want:
+        torch.testing.assert_close(got[name].float(), want[name].float(), rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("method,head_keep", [("lora", None), ("celora", None), ("celora", 1.0)])
+def test_loss_and_lora_grads_equal_the_full_logits_path(method, head_keep):
+    ref, chunked = twins(head_keep, method)
+    ids, labels = batch()
+    for step in range(4):  # CE-LoRA: refresh (exact) and approximate steps of the layers
+        out_ref, g_ref = loss_and_grads(ref, ids, labels)
+        out, g = loss_and_grads(chunked, ids, labels)
+        assert out.logits is None and out_ref.logits.shape == (3, 12, 128)
+        torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-6, atol=0)
+        assert_same_grads(g, g_ref)
+        on_optimizer_step(ref)
+        on_optimizer_step(chunked)
+
+
+def _recording(monkeypatch, module) -> list[torch.Tensor]:
+    calls = []
+    original = module.topk_indices
+
+    def record(scores, k, *args, **kwargs):
+        calls.append(original(scores, k, *args, **kwargs))
+        return calls[-1]
+
+    monkeypatch.setattr(module, "topk_indices", record)
+    return calls
+
+
+def test_vocab_sparse_head_same_indices_dh_and_telemetry(monkeypatch):
+    """Scores summed over every chunk before the top-k: the unchunked head's indices and dH, on approximate
+    and measuring steps (refresh_every 3: steps 0 and 3 measure), and the same measured error."""
+    ref, chunked = twins(head_keep=0.2)
+    picked_ref, picked = _recording(monkeypatch, head_module), _recording(monkeypatch, chunked_loss_module)
+    ids, labels = batch()
+    dh = {}
+    for model in (ref, chunked):
+        model.model.norm.register_forward_hook(lambda m, i, o: o.retain_grad() or dh.__setitem__(id(m), o))
+    for step in range(4):
+        _, g_ref = loss_and_grads(ref, ids, labels)
+        _, g = loss_and_grads(chunked, ids, labels)
+        assert len(picked_ref) == len(picked) == step + 1
+        assert torch.equal(picked[-1], picked_ref[-1]) and picked[-1].numel() == ref.lm_head.k
+        torch.testing.assert_close(dh[id(chunked.model.norm)].grad, dh[id(ref.model.norm)].grad, rtol=1e-5, atol=1e-8)
+        assert_same_grads(g, g_ref)
+        on_optimizer_step(ref)
+        on_optimizer_step(chunked)
+    want, got = telemetry(ref)["lm_head"], telemetry(chunked)["lm_head"]
+    assert want["step"] == got["step"] == 3 and 0 < want["rel_error"] < 1
+    assert got["rel_error"] == pytest.approx(want["rel_error"], rel=1e-5)
+
+
+def test_sparse_dh_is_the_top_k_rows_of_the_whole_batch_score():
+    """Independent of the unchunked head: dH = G[:, I] W[I] with I the top-k of ‖G[:, v]‖·‖W[v]‖ over
+    ALL tokens (float64 reference from autograd's G), where a per-chunk selection would differ."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 200, bias=False)
+    head = head_module.VocabSparseLMHead(base, keep=0.1, measure_every=1000)
+    head.step = 1  # an approximate step
+    hidden = torch.randn(2, 20, 16, requires_grad=True)
+    labels = torch.randint(0, 200, (2, 20))
+    labels[0, 3:9] = -100
+    chunked_lm_head_loss(hidden, head, labels, chunk=4).backward()
+
+    h = hidden.detach().double().requires_grad_(True)
+    logits = h @ base.weight.double().t()
+    G = torch.autograd.grad(F.cross_entropy(logits[:, :-1].reshape(-1, 200), labels[:, 1:].reshape(-1)), logits)[0]
+    G, W = G.reshape(-1, 200), base.weight.detach().double()
+    top = torch.topk(G.norm(dim=0) * W.norm(dim=1), head.k).indices
+    torch.testing.assert_close(hidden.grad.double().reshape(-1, 16), G[:, top] @ W[top], rtol=1e-5, atol=1e-7)
+    first_chunk = G[labels[:, 1:].reshape(-1) != -100][:4]  # the first chunk's 4 counted tokens
+    assert set(torch.topk(first_chunk.norm(dim=0) * W.norm(dim=1), head.k).indices.tolist()) != set(top.tolist())
+
+
+def test_ignore_index_num_items_and_shift_labels():
+    ref, chunked = twins()
+    ids, labels = batch()
+    for kw in ({"num_items_in_batch": torch.tensor(9)}, {"num_items_in_batch": 13}):
+        out_ref, g_ref = loss_and_grads(ref, ids, labels, **kw)
+        out, g = loss_and_grads(chunked, ids, labels, **kw)
+        torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-6, atol=0)
+        assert_same_grads(g, g_ref)
+    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    out, g = loss_and_grads(chunked, ids, None, shift_labels=shifted)
+    out_ref, g_ref = loss_and_grads(ref, ids, labels)
+    torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-6, atol=0)
+    assert_same_grads(g, g_ref)
+    # a micro-batch with no counted token: HF's mean is nan, its sum over num_items 0 with zero gradients
+    none = torch.full_like(labels, -100)
+    assert torch.isnan(chunked(input_ids=ids, labels=none).loss) and torch.isnan(ref(input_ids=ids, labels=none).loss)
+    out, g = loss_and_grads(chunked, ids, none, num_items_in_batch=4)
+    assert out.loss.item() == 0.0 and all(not t.any() for t in g.values())
+
+
+def test_trainable_head_with_bias_gets_exact_weight_and_bias_grads():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=True)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 9))
+    labels[1, :4] = -100
+    chunked_lm_head_loss(hidden, head, labels, chunk=3).backward()
+    got = hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()
+    hidden.grad = head.weight.grad = head.bias.grad = None
+    logits = head(hidden)
+    F.cross_entropy(logits[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1)).backward()
+    for a, b in zip(got, (hidden.grad, head.weight.grad, head.bias.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_gemma2_softcapped_logits():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=1, head_dim=16, max_position_embeddings=64, final_logit_softcapping=3.0)
+    ref = trained_like(inject_celora(Gemma2ForCausalLM(cfg), CELoRAConfig(**SMALL, head_keep=0.3), verbose=False))
+    chunked = enable_chunked_loss(copy.deepcopy(ref), CHUNK)
+    ids, labels = batch()
+    for step in range(2):  # a measuring step of the head, then an approximate one
+        out_ref, g_ref = loss_and_grads(ref, ids, labels)
+        out, g = loss_and_grads(chunked, ids, labels)
+        torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-6, atol=0)
+        assert_same_grads(g, g_ref)
+        on_optimizer_step(ref)
+        on_optimizer_step(chunked)
+
+
+@pytest.mark.parametrize("head_keep", [None, 0.2])
+def test_bf16_autocast_and_bf16_weights(head_keep):
+    """Under CPU autocast (fp32 master weights) and with bf16 weights (the trainer's --dtype bf16): bf16
+    logits, fp32 loss, as HF's path; loss within bf16 rounding, gradients within 2e-2."""
+    ref, chunked = twins(head_keep)
+    ids, labels = batch()
+    out_ref, g_ref = loss_and_grads(ref, ids, labels, autocast=True)
+    out, g = loss_and_grads(chunked, ids, labels, autocast=True)
+    assert out.loss.dtype == out_ref.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss, out_ref.loss, rtol=4e-3, atol=0)
+    assert_same_grads(g, g_ref, rtol=2e-2, atol=1e-4)
+    ref, chunked = ref.to(torch.bfloat16), chunked.to(torch.bfloat16)
+    out_ref, g_ref = loss_and_grads(ref, ids, labels)
+    out, g = loss_and_grads(chunked, ids, labels)
+    assert out.loss.dtype == out_ref.loss.dtype == torch.float32
+    assert all(t.dtype == torch.bfloat16 for t in g.values())
+    torch.testing.assert_close(out.loss, out_ref.loss, rtol=4e-3, atol=0)
+    assert_same_grads(g, g_ref, rtol=2e-2, atol=1e-4)
+
+
+def _largest_allocation(model, ids, labels) -> int:
+    """Bytes of the largest single allocation any op made in one forward + backward (torch profiler)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model(input_ids=ids, labels=labels).loss.backward()
+    return max(e.self_cpu_memory_usage for e in prof.events())
+
+
+@pytest.mark.parametrize("head_keep", [None, 0.2])
+def test_no_tensor_of_tokens_times_vocab_is_allocated_or_saved(head_keep):
+    """Peak memory without timing: with V = 4096 over 2 x 64 tokens the largest allocation of the chunked
+    path is one (chunk, V) fp32 block; today's path allocates (T, V) (so this check can fail), and no tensor
+    autograd saves for backward has T x V elements."""
+    vocab, chunk = 4096, 16
+    ref = trained_like(inject_celora(tiny_llama(vocab_size=vocab), CELoRAConfig(**SMALL, head_keep=head_keep),
+                                     verbose=False))
+    chunked = enable_chunked_loss(copy.deepcopy(ref), chunk)
+    ids = torch.randint(0, vocab, (2, 64), generator=torch.Generator().manual_seed(0))
+    tokens_by_vocab = ids.numel() * vocab * 4
+    assert _largest_allocation(ref, ids, ids) >= tokens_by_vocab
+    assert _largest_allocation(chunked, ids, ids) <= chunk * vocab * 4
+
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        loss = chunked(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert saved and max(saved) < ids.numel() * vocab // 8
+
+
+def test_other_calls_keep_the_original_forward_and_disable_restores_it():
+    ref, chunked = twins()
+    ids, labels = batch()
+    with torch.no_grad():
+        want = ref(input_ids=ids).logits
+        assert torch.equal(chunked(input_ids=ids).logits, want)  # no labels
+        assert torch.equal(chunked(input_ids=ids, logits_to_keep=3).logits, want[:, -3:])
+        chunked.eval()
+        evaluated = chunked(input_ids=ids, labels=labels)  # eval mode: logits for the caller's metrics
+        assert torch.equal(evaluated.logits, want)
+        chunked.train()
+        assert chunked(input_ids=ids, labels=labels).logits is None
+        assert chunked(ids, labels=labels, return_dict=False)[0] == chunked(input_ids=ids, labels=labels).loss
+    copied = copy.deepcopy(chunked)  # the bound forward follows the copy, not the original
+    assert copied.forward.__self__ is copied and is_chunked(copied)
+    assert "labels" in inspect.signature(chunked.forward).parameters  # HF Trainer / generate inspect it
+    disable_chunked_loss(chunked)
+    assert not is_chunked(chunked) and "forward" not in vars(chunked)
+    with torch.no_grad():
+        assert chunked(input_ids=ids, labels=labels).logits is not None
+
+
+def test_unsupported_models_and_heads_are_refused():
+    from transformers import CohereConfig, CohereForCausalLM
+
+    cohere = CohereForCausalLM(CohereConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=1))
+    assert "cohere" in unsupported_reason(cohere)
+    with pytest.raises(ValueError, match="enable_chunked_loss: .*cohere"):
+        enable_chunked_loss(cohere)
+    llama = tiny_llama()
+    llama.loss_function = lambda **kw: 0
+    assert "custom loss_function" in unsupported_reason(llama)
+    with pytest.raises(ValueError, match="chunk"):
+        enable_chunked_loss(tiny_llama(), 0)
+    wrapped = tiny_llama()
+    wrapped.lm_head = torch.nn.Sequential(wrapped.lm_head)
+    assert "Sequential" in unsupported_reason(wrapped)
+
+
+def test_supported_families_still_have_the_forward_it_reproduces():
+    """The transformers source of every SUPPORTED family: body `self.model(...)`, `self.lm_head(hidden_states)`,
+    then only the softcap the list names, then `self.loss_function(...)`; a change fails here."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    for model_type, softcap in SUPPORTED.items():
+        cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+        assert cls.base_model_prefix == "model", cls
+        source = inspect.getsource(cls.forward)
+        assert "outputs: BaseModelOutputWithPast = self.model(" in source, cls
+        after_head = source.split("logits = self.lm_head(hidden_states)\n", 1)[1]
+        between = [line.strip() for line in after_head.split("loss = None")[0].splitlines() if line.strip()]
+        if softcap is None:
+            assert between == [], (cls, between)
+        else:
+            assert between and all(softcap in ln or ln == "logits = torch.tanh(logits)" for ln in between), between
+        assert "loss = self.loss_function(" in after_head, cls
+
+
+def test_for_trainer_opt_in_matches_its_full_logits_model():
+    cfg = CELoRAConfig(**SMALL)
+    ref = trained_like(for_trainer(tiny_llama(), cfg, verbose=False, factor_cache=None)[0])
+    chunked, _ = for_trainer(tiny_llama(), cfg, verbose=False, factor_cache=None, loss_chunk=CHUNK)
+    chunked.load_state_dict(ref.state_dict())
+    chunked.train()
+    assert is_chunked(chunked) and not is_chunked(ref)
+    ids, labels = batch()
+    for step in range(2):
+        out_ref, g_ref = loss_and_grads(ref, ids, labels)
+        out, g = loss_and_grads(chunked, ids, labels)
+        assert out.logits is None
+        torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-6, atol=0)
+        assert_same_grads(g, g_ref)
+        on_optimizer_step(ref)
+        on_optimizer_step(chunked)
