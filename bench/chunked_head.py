@@ -15,7 +15,10 @@ interleaved ``--repeats`` times: median and interquartile range. Peak memory: on
 forward + backward of each under ``torch.profiler(profile_memory=True)``; ``peak_mb`` is the
 highest "Total Allocated" the CPU allocator reported during it, i.e. what the step allocated on
 top of the weights and optimizer state already there. ``loss_diff``: |loss_full - loss_chunked|
-of the profiled step (same weights, same batch).
+of the profiled step (same weights, same batch). ``--kernel`` sets CELORA_KERNEL, default ``torch``:
+under ``auto`` each model copy picks its layers' dX backend (exact or approximate) from its own
+timings on a noisy machine, so the two paths would run different math (first run, 2026-12-03:
+CE-LoRA losses 5e-3 apart after four steps, LoRA's 1e-6).
 
 ``--sweep-chunks 256,512,...`` times the head's loss alone (hidden states of the model's width, its
 head weight, forward + backward of ``ForCausalLMLoss`` on the full logits vs ``chunked_lm_head_loss``
@@ -183,12 +186,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--sweep-chunks", default=None,
                    help="comma-separated chunk sizes: time the head's loss alone at each (instead of the steps)")
+    p.add_argument("--kernel", default="torch", choices=["torch", "auto", "triton"],
+                   help="CELORA_KERNEL for the run (torch: the approximate backend everywhere, no timing-based choice)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
     p.add_argument("--json", default=None, help="write the rows, the machine and the load average here")
     p.add_argument("--smoke", action="store_true", help="tiny model, T = 48, chunk 16, 1 repeat: for the tests")
     a = p.parse_args(argv)
     if a.smoke:
         a.model, a.tokens, a.chunk, a.repeats = "tiny", "48", 16, 1
+    os.environ["CELORA_KERNEL"] = a.kernel
     if a.threads:
         torch.set_num_threads(a.threads)
     methods = a.methods.split(",")
@@ -197,7 +203,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         p.error(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
     machine = machine_line("cpu", "fp32")
     load_before = os.getloadavg()
-    print(f"chunked LM-head loss, model={a.model} chunk={a.chunk} repeats={a.repeats}; {machine}; "
+    print(f"chunked LM-head loss, model={a.model} chunk={a.chunk} repeats={a.repeats} kernel={a.kernel}; {machine}; "
           f"load average {load_before[0]:.2f}", flush=True)
     base = load_model(a.model)
     rows = []
@@ -222,7 +228,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     load_after = os.getloadavg()
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"machine": machine, "model": a.model, "chunk": a.chunk,
+        Path(a.json).write_text(json.dumps({"machine": machine, "model": a.model, "chunk": a.chunk, "kernel": a.kernel,
                                             "date": time.strftime("%Y-%m-%d"), "load_before": load_before,
                                             "load_after": load_after, "rows": rows}, indent=1))
     return rows
