@@ -535,13 +535,19 @@ class CELoRALinear(ScheduledModule, nn.Module):
             raise ValueError(f"{self.name or 'layer'} has no LoRA branch (r=0); merge through the PEFT model around it")
         params = [base.weight, self.lora_A.weight, self.lora_B.weight]
         with gathered(params):
+            frozen, dtype = self._dense_frozen_weight()
             merged = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None,
-                               device=base.weight.device, dtype=base.weight.dtype)
+                               device=frozen.device, dtype=dtype)
             delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
-            merged.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
+            merged.weight.copy_((frozen + delta).to(dtype))
             if base.bias is not None:
                 merged.bias.copy_(base.bias)
         return merged
+
+    def _dense_frozen_weight(self) -> tuple[Tensor, torch.dtype]:
+        """(W0 in fp32, the dtype a merged weight is stored in): the frozen weight and its own dtype."""
+        weight = self.base_layer.weight
+        return weight.float(), weight.dtype
 
     def extra_repr(self) -> str:
         mode = "exact" if self.is_exact else f"keep={self.keep} (k={self.k}), r0={self.r0}"

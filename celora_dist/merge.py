@@ -15,13 +15,12 @@ refused unless ``--overwrite`` is given.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from .quant.loading import QUANTIZE
+from .quant.loading import QUANTIZE, stored_quantization_config
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -37,11 +36,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "into its dequantized weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     return p.parse_args(argv)
-
-
-def stored_quantization_config(model_dir: str | Path) -> dict | None:
-    """The ``quantization_config`` a model folder is saved with, or None."""
-    return json.loads((Path(model_dir) / "config.json").read_text()).get("quantization_config") or None
 
 
 def check_paths(args: argparse.Namespace) -> None:

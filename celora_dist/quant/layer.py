@@ -66,22 +66,10 @@ class CELoRAQuantLinear(CELoRALinear):
     def _dx_backend(self, *args: Any, **kwargs: Any) -> str:
         return "torch"  # see the module docstring: nothing to measure
 
-    @torch.no_grad()
-    def merged_linear(self) -> nn.Linear:
-        """A plain nn.Linear of the dequantized W0 plus s·B A, in the dequantized dtype (the weights
-        the adapter was trained against; re-quantize it with bitsandbytes if a 4-bit model is wanted)."""
-        if not self.r:
-            raise ValueError(f"{self.name or 'layer'} has no LoRA branch (r=0); merge through the PEFT model around it")
-        base = self.base_layer
-        dense = Q.dequantize(base, torch.float32)
-        dtype = Q.dense_dtype(base)
-        merged = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None,
-                           device=dense.device, dtype=dtype)
-        delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
-        merged.weight.copy_((dense + delta).to(dtype))
-        if base.bias is not None:
-            merged.bias.copy_(base.bias)
-        return merged
+    def _dense_frozen_weight(self) -> tuple[Tensor, torch.dtype]:
+        # merged into the dequantized W0, the weights the adapter was trained against (re-quantize the
+        # result with bitsandbytes if a 4-bit model is wanted); stored in the dequantized dtype
+        return Q.dequantize(self.base_layer, torch.float32), Q.dense_dtype(self.base_layer)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, base={self.quant_type}"

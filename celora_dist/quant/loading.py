@@ -3,6 +3,8 @@ trainer (``train/quantize.py``) and the merge (``merge.py``), so an adapter merg
 it was trained on."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 QUANTIZE = ("nf4", "fp4", "int8")
@@ -21,3 +23,12 @@ def bnb_config(kind: str, compute_dtype: Any = None) -> Any:
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=compute_dtype)
+
+
+def stored_quantization_config(model_dir: str | Path) -> dict | None:
+    """The ``quantization_config`` a model folder's config.json is saved with; None without one or when
+    config.json is unreadable (whoever loads the folder reports that)."""
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text()).get("quantization_config") or None
+    except (OSError, ValueError):
+        return None

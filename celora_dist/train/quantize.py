@@ -13,11 +13,10 @@ parallelism (the TP layers shard a dense W0); ``--quantize`` on an already quant
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from ..quant.loading import QUANTIZE, bnb_config
+from ..quant.loading import QUANTIZE, bnb_config, stored_quantization_config
 from .errors import UsageError
 
 __all__ = ["QUANTIZE", "check", "load_kwargs", "stored_quantization"]
@@ -25,11 +24,7 @@ __all__ = ["QUANTIZE", "check", "load_kwargs", "stored_quantization"]
 
 def stored_quantization(model_dir: str | Path) -> str | None:
     """The quant method a model folder is saved in ('bitsandbytes_4bit', 'gptq', ...) or None."""
-    config = Path(model_dir) / "config.json"
-    try:
-        qc = json.loads(config.read_text()).get("quantization_config")
-    except (OSError, ValueError):
-        return None  # model.check_targets reports an unreadable config
+    qc = stored_quantization_config(model_dir)
     if not qc:
         return None
     method = qc.get("quant_method", "unknown")
