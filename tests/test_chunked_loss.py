@@ -138,7 +138,8 @@ def test_sparse_dh_is_the_top_k_rows_of_the_whole_batch_score():
     G, W = G.reshape(-1, 200), base.weight.detach().double()
     top = torch.topk(G.norm(dim=0) * W.norm(dim=1), head.k).indices
     torch.testing.assert_close(hidden.grad.double().reshape(-1, 16), G[:, top] @ W[top], rtol=1e-5, atol=1e-7)
-    first_chunk = G[labels[:, 1:].reshape(-1) != -100][:4]  # the first chunk's 4 counted tokens
+    counted = F.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1) != -100
+    first_chunk = G[counted][:4]  # the first chunk's 4 counted tokens
     assert set(torch.topk(first_chunk.norm(dim=0) * W.norm(dim=1), head.k).indices.tolist()) != set(top.tolist())
 
 
@@ -281,6 +282,26 @@ def test_unsupported_models_and_heads_are_refused():
     wrapped = tiny_llama()
     wrapped.lm_head = torch.nn.Sequential(wrapped.lm_head)
     assert "Sequential" in unsupported_reason(wrapped)
+
+
+def test_trainer_turns_it_on_where_exact_and_notes_where_not(capsys):
+    """launch/train.py's --loss-chunk: on for a supported model, a note (and HF's path) for another, off at 0."""
+    from transformers import CohereConfig, CohereForCausalLM
+
+    from celora_dist.train.model import chunk_loss
+
+    llama = tiny_llama()
+    chunk_loss(llama, 0, verbose=True)
+    assert not is_chunked(llama)
+    chunk_loss(llama, 64, verbose=True)
+    assert is_chunked(llama) and llama.celora_loss_chunk == 64
+    cohere = CohereForCausalLM(CohereConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=1))
+    chunk_loss(cohere, 64, verbose=True)
+    assert not is_chunked(cohere)
+    out = capsys.readouterr().out
+    assert "LM-head loss: 64 counted tokens per chunk" in out
+    assert "note: --loss-chunk: CohereForCausalLM (model_type 'cohere')" in out and "full-logits path" in out
 
 
 def test_supported_families_still_have_the_forward_it_reproduces():
