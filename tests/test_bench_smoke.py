@@ -1,6 +1,6 @@
 """The benchmarks run at their smoke sizes and print well-formed tables: bench/layer_backward.py,
-bench/step_profile.py (tiny model), bench/pareto.py, bench/backend_choice.py and bench/gpu.sh (DEVICE=cpu,
---dry-run, a step cut off by its limit) with its probe bench/gpu_probe.py.
+bench/step_profile.py (tiny model), bench/pareto.py, bench/backend_choice.py, bench/qlora.py and
+bench/gpu.sh (DEVICE=cpu, --dry-run, a step cut off by its limit) with its probe bench/gpu_probe.py.
 
 No timing assertions (the machine is shared); the numbers must be finite and positive,
 the ratio columns must be the ratios of the printed times, and the profile's categories
@@ -182,7 +182,91 @@ def test_backend_choice_smoke(capsys, monkeypatch):
     assert "| q_proj |" in capsys.readouterr().out
 
 
-GPU_STEPS = ["probe", "layer", "head", "e2e", "backend", "e2e_ckpt", "paper"]
+def test_qlora_smoke(tmp_path, capsys, monkeypatch):
+    """bench/qlora.py --smoke: the six step rows from the same rounds, each vs_peft the ratio of its
+    baseline's median step to its own (4-bit rows over PEFT QLoRA, unquantized over PEFT LoRA), the
+    4-bit model smaller than the unquantized one, the cost model's columns, the layer rows with the
+    dequantized elements of their shapes, and the JSON. A method and a layer case that raise cost
+    their own rows only (planted failures)."""
+    import json
+    import statistics
+
+    from celora_dist import CELoRAConfig
+    from celora_dist.costmodel import layer_flops, step_dequant
+
+    bench = _load(ROOT / "bench" / "qlora.py")
+    make, case = bench.make_method, bench.layer_case
+
+    def failing_make(base, cfg):  # celora-fast: the fast preset on the unquantized base
+        if cfg is not None and cfg.head_keep is not None and not getattr(base, "is_loaded_in_4bit", False):
+            raise RuntimeError("planted build failure")
+        return make(base, cfg)
+
+    def failing_case(m, n, T, keep, *args):
+        if (m, keep) == (64, 0.65):
+            raise RuntimeError("planted layer failure")
+        return case(m, n, T, keep, *args)
+
+    monkeypatch.setattr(bench, "make_method", failing_make)
+    monkeypatch.setattr(bench, "layer_case", failing_case)
+    out = tmp_path / "q.json"
+    result = bench.main(["--smoke", "--rounds", "2", "--json", str(out)])
+    stdout = capsys.readouterr().out
+    header, _ = _parse(stdout)
+    assert header == bench.LAYER_COLUMNS  # the layer rows come first
+    assert "| peft-qlora-r16 | nf4 |" in stdout and "| released |" in stdout  # the step and pair tables
+    rows = {r["method"]: r for r in result["step_rows"]}
+    assert list(rows) == [*bench.QUANTIZED, *bench.DENSE]
+    assert rows["celora-fast"]["note"] == "error: RuntimeError: planted build failure"
+    assert math.isnan(rows["celora-fast"]["step_ms"]) and math.isnan(result["pairs"][1]["celora_vs_peft_lora"])
+    raw = json.loads(out.read_text())["meta"]["step_rounds_s"]
+    for name, row in rows.items():
+        if name == "celora-fast":
+            continue
+        assert row["note"] == "" and len(raw[name]) == 2
+        for col in ("fwd_ms", "bwd_ms", "opt_ms", "step_ms", "tokens_per_s", "model_mb", "step_peak_mb"):
+            assert math.isfinite(row[col]) and row[col] > 0, (name, col)
+        assert row["step_ms"] == pytest.approx(1e3 * statistics.median(raw[name]))
+        base = statistics.median(raw[bench.BASELINE[name]])
+        assert row["vs_peft"] == pytest.approx(base / statistics.median(raw[name]))
+    assert rows["peft-qlora-r16"]["model_mb"] < rows["peft-lora-r16"]["model_mb"]  # 4-bit codes + scales
+    shape = bench.SHAPES["tiny"]
+    assert rows["ceqlora-released"]["deq_ratio"] == step_dequant(shape, CELoRAConfig()).ratio > 1
+    assert rows["ceqlora-released"]["ceiling"] == rows["celora-released"]["ceiling"]
+    assert 0 < rows["ceqlora-fast"]["mean_keep"] <= 1
+    layers = result["layer_rows"]
+    assert len(layers) == 2 * 2  # 2 smoke shapes x keeps 0.55, 0.65
+    for row in layers:
+        m, n, T, keep = row["m"], row["n"], row["T"], row["keep"]
+        k = math.ceil(keep * m)
+        assert (row["k"], row["deq_M_qlora"], row["deq_M_ceqlora"]) == (k, m * n / 1e6, k * n / 1e6)
+        assert row["flop_ceiling"] == pytest.approx(2 * m * n / layer_flops(m, n, keep, 14, 14)[1])
+        assert row["gflop_qlora"] == pytest.approx(2 * T * m * n / 1e9)
+        if (m, keep) == (64, 0.65):
+            assert row["note"] == "error: RuntimeError: planted layer failure" and math.isnan(row["qlora_ms"])
+            continue
+        assert row["note"] == "" and row["speedup"] == pytest.approx(row["qlora_ms"] / row["ceqlora_ms"])
+        assert all(row[c] > 0 for c in ("qlora_ms", "ceqlora_ms", "deq_full_ms", "deq_rows_ms"))
+
+
+def test_qlora_without_bitsandbytes(capsys, monkeypatch):
+    """Where bitsandbytes cannot be imported (the GPU image has none), the 4-bit rows and every layer
+    row say so, and the unquantized rows are still measured."""
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises ImportError
+    bench = _load(ROOT / "bench" / "qlora.py")
+    result = bench.main(["--smoke", "--rounds", "1"])
+    rows = {r["method"]: r for r in result["step_rows"]}
+    for name in bench.QUANTIZED:
+        assert rows[name]["note"] == "skipped: bitsandbytes not installed" and math.isnan(rows[name]["step_ms"])
+    for name in bench.DENSE:
+        assert rows[name]["note"] == "" and rows[name]["step_ms"] > 0
+    assert result["layer_rows"] and all(r["note"] == "skipped: bitsandbytes not installed"
+                                        for r in result["layer_rows"])
+    assert "| ceqlora-released | nf4 |" in capsys.readouterr().out
+
+
+GPU_STEPS = ["probe", "layer", "head", "e2e", "backend", "e2e_ckpt", "qlora", "paper"]
+IN_SUMMARY = ("probe", "paper")  # their tables go into summary.txt: 8 files come back
 GPU_SH = ROOT / "bench" / "gpu.sh"
 
 
@@ -205,13 +289,13 @@ def _dry_run(tmp_path, **env) -> dict[str, tuple[int, list[str]]]:
 
 def test_gpu_script_dry_run_lists_the_cuda_commands(tmp_path):
     """bench/gpu.sh --dry-run: every step with its CUDA command and time limit, nothing run; the
-    limits fit the whole run's budget (< 8 minutes on the device machine), the probe comes first,
+    limits fit the whole run's budget (< 9 minutes on the device machine), the probe comes first,
     and the backend choice runs bf16 LLaMA-3.2-1B shapes at 2048 tokens."""
     steps = _dry_run(tmp_path)
     assert list(steps) == GPU_STEPS
-    assert sum(limit for limit, _ in steps.values()) <= 470
+    assert sum(limit for limit, _ in steps.values()) <= 545
     assert steps["probe"][1][1:] == ["bench/gpu_probe.py", "--device", "cuda"]
-    for step in ("layer", "head", "e2e", "backend", "e2e_ckpt"):
+    for step in ("layer", "head", "e2e", "backend", "e2e_ckpt", "qlora"):
         assert " --device cuda --dtype bf16 " in " ".join(steps[step][1]) + " ", step
     backend = " ".join(steps["backend"][1])
     assert "--model llama-3.2-1b" in backend and "--seq-len 2048" in backend
@@ -254,11 +338,16 @@ def _hide_deepspeed(tmp_path: Path) -> str:
     return str(site)
 
 
+def _summary_part(summary: str, step: str) -> str:
+    """What summary.txt holds between the status line before ``step``'s and its own: its table."""
+    return summary.split(f"[gpu.sh] {step}: rc=")[0].split("[gpu.sh] ")[-1]
+
+
 def test_gpu_script_runs_every_step_on_cpu(tmp_path):
     """DEVICE=cpu runs the GPU script's steps at their smoke sizes in bf16 with deepspeed hidden:
     what a first GPU call will do, minus the sizes — each step exits 0 and leaves its table,
-    the probe's table is in summary.txt (versions; kernels skipped without CUDA), and summary.txt
-    records every step. At most 8 files: what the device tool brings back."""
+    the probe's and the paper's tables are in summary.txt (versions; kernels skipped without CUDA),
+    and summary.txt records every step. At most 8 files: what the device tool brings back."""
     out_dir = tmp_path / "out"
     env = {**os.environ, "DEVICE": "cpu", "OUT": str(out_dir), "PYTHONPATH": _hide_deepspeed(tmp_path)}
     out = subprocess.run(["bash", str(GPU_SH)], capture_output=True, text=True, timeout=600, env=env)
@@ -266,15 +355,18 @@ def test_gpu_script_runs_every_step_on_cpu(tmp_path):
     summary = (out_dir / "summary.txt").read_text()
     for step in GPU_STEPS:
         assert f"[gpu.sh] {step}: rc=0 ok" in summary, summary
-    for step in GPU_STEPS[1:]:
-        table = [ln for ln in (out_dir / f"{step}.md").read_text().splitlines() if ln.startswith("|")]
-        assert len(table) >= 3, f"{step}.md has no table rows"  # header, separator, >= 1 row
-    _, probe = _parse(summary)
+    for step in GPU_STEPS:
+        text = _summary_part(summary, step) if step in IN_SUMMARY else (out_dir / f"{step}.md").read_text()
+        table = [ln for ln in text.splitlines() if ln.startswith("|")]
+        assert len(table) >= 3, f"{step}'s table has no rows"  # header, separator, >= 1 row
+    _, probe = _parse(_summary_part(summary, "probe"))
     status = {row["check"]: row["status"] for row in probe}
     assert status["torch"] == "info" and status["C compiler"] in ("ok", "FAIL")
     assert status["kernel grad_input bf16"] == status["kernel gradient_scores bf16"] == "skip"
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(
-        ["summary.txt", "stderr.log", *(f"{s}.md" for s in GPU_STEPS[1:])])
+        ["summary.txt", "stderr.log", *(f"{s}.md" for s in GPU_STEPS if s not in IN_SUMMARY)])
+    assert len(list(out_dir.iterdir())) <= 8
+    assert "| peft-qlora-r16 | nf4 |" in (out_dir / "qlora.md").read_text()  # bitsandbytes is installed here
     assert "deepspeed" not in (out_dir / "stderr.log").read_text().lower()
 
 

@@ -18,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 import celora_dist.chunked_loss as chunked_loss_module
 import celora_dist.head as head_module
 from celora_dist import CELoRAConfig, for_trainer, inject_celora, on_optimizer_step, telemetry
+from celora_dist.layer import celora_layers
 from celora_dist.chunked_forward import (SUPPORTED, disable_chunked_loss, enable_chunked_loss, is_chunked,
                                          unsupported_reason)
 from celora_dist.chunked_loss import chunked_lm_head_loss
@@ -65,6 +66,18 @@ def loss_and_grads(model, ids, labels, autocast=False, **kw):
     return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 
+def step_both(ref, chunked) -> None:
+    """Advance both schedules; the chunked twin then takes the reference's indices. The two G's differ by
+    fp32 rounding, which can flip a near-tied score of a layer's top-k between runs (2 threads: the
+    reduction order varies) — the layers' selection is not what this file tests (the head's is, below)."""
+    on_optimizer_step(ref)
+    on_optimizer_step(chunked)
+    twins = dict(celora_layers(chunked))
+    for name, layer in celora_layers(ref):
+        if not layer.is_exact:
+            twins[name].set_selected(layer.selected)
+
+
 def assert_same_grads(got, want, rtol=1e-5, atol=1e-7):
     assert got.keys() == want.keys() and want
     for name in want:
@@ -81,8 +94,7 @@ def test_loss_and_lora_grads_equal_the_full_logits_path(method, head_keep):
         assert out.logits is None and out_ref.logits.shape == (3, 12, 128)
         torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-6, atol=0)
         assert_same_grads(g, g_ref)
-        on_optimizer_step(ref)
-        on_optimizer_step(chunked)
+        step_both(ref, chunked)
 
 
 def _recording(monkeypatch, module) -> list[torch.Tensor]:
@@ -113,8 +125,7 @@ def test_vocab_sparse_head_same_indices_dh_and_telemetry(monkeypatch):
         assert torch.equal(picked[-1], picked_ref[-1]) and picked[-1].numel() == ref.lm_head.k
         torch.testing.assert_close(dh[id(chunked.model.norm)].grad, dh[id(ref.model.norm)].grad, rtol=1e-5, atol=1e-8)
         assert_same_grads(g, g_ref)
-        on_optimizer_step(ref)
-        on_optimizer_step(chunked)
+        step_both(ref, chunked)
     want, got = telemetry(ref)["lm_head"], telemetry(chunked)["lm_head"]
     assert want["step"] == got["step"] == 3 and 0 < want["rel_error"] < 1
     assert got["rel_error"] == pytest.approx(want["rel_error"], rel=1e-5)
@@ -138,8 +149,8 @@ def test_sparse_dh_is_the_top_k_rows_of_the_whole_batch_score():
     G, W = G.reshape(-1, 200), base.weight.detach().double()
     top = torch.topk(G.norm(dim=0) * W.norm(dim=1), head.k).indices
     torch.testing.assert_close(hidden.grad.double().reshape(-1, 16), G[:, top] @ W[top], rtol=1e-5, atol=1e-7)
-    counted = F.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1) != -100
-    first_chunk = G[counted][:4]  # the first chunk's 4 counted tokens
+    predicting = G.reshape(2, 20, 200)[:, :-1].reshape(-1, 200)  # the positions that predict labels[:, 1:]
+    first_chunk = predicting[labels[:, 1:].reshape(-1) != -100][:4]  # the first chunk's 4 counted tokens
     assert set(torch.topk(first_chunk.norm(dim=0) * W.norm(dim=1), head.k).indices.tolist()) != set(top.tolist())
 
 
@@ -192,8 +203,7 @@ def test_gemma2_softcapped_logits():
         out, g = loss_and_grads(chunked, ids, labels)
         torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-6, atol=0)
         assert_same_grads(g, g_ref)
-        on_optimizer_step(ref)
-        on_optimizer_step(chunked)
+        step_both(ref, chunked)
 
 
 @pytest.mark.parametrize("head_keep", [None, 0.2])
@@ -338,5 +348,4 @@ def test_for_trainer_opt_in_matches_its_full_logits_model():
         assert out.logits is None
         torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-6, atol=0)
         assert_same_grads(g, g_ref)
-        on_optimizer_step(ref)
-        on_optimizer_step(chunked)
+        step_both(ref, chunked)

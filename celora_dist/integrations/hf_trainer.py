@@ -35,6 +35,7 @@ from ..config import CELoRAConfig
 from ..factor_plan import user_cache_dir
 from ..inject import inject_celora_backward
 from ..layer import CELoRALinear, register_zero3_params
+from ..quant.layer import CELoRAQuantLinear
 from ..schedule import celora_state_dict, load_celora_state_dict, on_optimizer_step, telemetry
 
 STATE_FILE = "celora_state.pt"  # in each checkpoint-N: the CE-LoRA schedule state
@@ -71,13 +72,24 @@ def for_trainer(model: nn.Module, cfg: CELoRAConfig | None = None, *, verbose: b
     inject_celora_backward(model, cfg, verbose=verbose, factor_cache=factor_cache)
     lora_config = peft_lora_config(cfg, list(cfg.target_modules), getattr(model.config, "name_or_path", None))
     # PEFT's documented (experimental) hook for LoRA on a custom layer type: its own
-    # lora.Linear, with our CELoRALinear as the base layer it calls.
-    lora_config._register_custom_module({CELoRALinear: PeftLoraLinear})
+    # lora.Linear, with our CELoRALinear as the base layer it calls; on a quantized base PEFT's
+    # QLoRA layer for that storage (first match wins), so merge_and_unload dequantizes, merges and
+    # re-quantizes as for any PEFT QLoRA model (its generic lora.Linear would add to packed bytes).
+    lora_config._register_custom_module({CELoRAQuantLinear: _peft_qlora_layer, CELoRALinear: PeftLoraLinear})
     peft_model = get_peft_model(model, lora_config)
     register_zero3_params(peft_model)
     if loss_chunk is not None:
         enable_chunked_loss(peft_model, loss_chunk)
     return peft_model, CELoRACallback(peft_model)
+
+
+def _peft_qlora_layer(target: nn.Module, adapter_name: str, **kwargs: Any) -> nn.Module:
+    """PEFT's LoRA layer for a quantized CE-LoRA base layer: ``lora.bnb.Linear4bit`` / ``Linear8bitLt``
+    (their merge and dtype handling know bitsandbytes' storage; their forward calls our layer)."""
+    from peft.tuners.lora import bnb as peft_bnb
+
+    cls = peft_bnb.Linear8bitLt if target.quant_type == "int8" else peft_bnb.Linear4bit
+    return cls(target, adapter_name, **kwargs)
 
 
 class CELoRACallback(TrainerCallback):

@@ -55,12 +55,12 @@ RUN_INFO = "run_info.json"
 
 
 # Set-up a checkpoint resumes only under (the DP size may change: elastic.check_resize).
-FIXED = ("zero_stage", "dtype", "method")
+FIXED = ("zero_stage", "dtype", "method", "quantize", "sp_size")
 
 
 def check_compatible(ckpt_dir: Path, tag: str, run: dict[str, Any]) -> dict[str, Any]:
     """The set-up the checkpoint was saved with ({} for one without RUN_INFO); refuses a change
-    DeepSpeed cannot load (ZeRO stage, dtype, method)."""
+    DeepSpeed cannot load (ZeRO stage, dtype, method, sequence-parallel size)."""
     import json
 
     info_file = ckpt_dir / tag / RUN_INFO
@@ -71,7 +71,7 @@ def check_compatible(ckpt_dir: Path, tag: str, run: dict[str, Any]) -> dict[str,
     if diff:
         detail = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items())
         raise UsageError(f"--resume {ckpt_dir / tag}: saved by a different set-up ({detail}); "
-                         f"resume with the same ZeRO stage, dtype and method")
+                         f"resume with the same ZeRO stage, dtype, method, --quantize and --sequence-parallel size")
     return saved
 
 

@@ -17,6 +17,7 @@ from .checkpoint import find_checkpoint
 from .embedded import cache_dir
 from .errors import UsageError, load_mapping
 from .outputs import check_output_dir
+from .quantize import QUANTIZE
 
 METHODS = ("celora", "lora")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -46,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-samples", type=int, default=None, help="evaluate on at most this many held-out examples")
     g.add_argument("--mc-format", choices=("text", "letter"), default="text",
                    help="multiple choice: answer with the option text (scored per option) or its letter")
+    g.add_argument("--quantize", choices=QUANTIZE, default=None,
+                   help="load the frozen base quantized by bitsandbytes: nf4 / fp4 (QLoRA's 4-bit, double "
+                        "quantization, --dtype as compute dtype) or int8 (LLM.int8); CE-QLoRA dequantizes only "
+                        "the kept rows in backward. ZeRO 0-2, no TP")
     g.add_argument("--seq-len", type=int, default=256, help="max tokens per example (prompt truncated from the left)")
     g.add_argument("--packing", action="store_true",
                    help="padding-free micro-batches: the examples of a micro-batch in one sequence, position ids "
@@ -122,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tp", type=int, default=None,
                    help="tensor-parallel size: fills tensor_parallel.autotp_size of the DeepSpeed config "
                         "(ZeRO 0-2 only; default: the config's, else 1)")
+    g.add_argument("--sequence-parallel", type=int, default=None, metavar="N",
+                   help="Ulysses sequence parallelism (DeepSpeed's): N ranks train each sequence, 1/N of its "
+                        "tokens each; fills sequence_parallel_size of the DeepSpeed config (default: the config's, "
+                        "else 1). N divides the ranks and --seq-len; no TP, no --packing; sdpa attention")
     g.add_argument("--output-dir", default="runs/celora", help="metrics.jsonl, checkpoints/, adapter/")
     g.add_argument("--resume", default=None, help="checkpoint folder (or an output dir) to continue from")
     g.add_argument("--dist-timeout", type=float, default=600,
@@ -237,7 +246,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check the flags; fills ``args.celora`` (CELoRAConfig) and ``args.embedded``."""
     args = build_parser().parse_args(argv)
     may_be_zero = ("r0", "svd_oversample", "svd_niter", "warmup", "loss_chunk")
-    for flag in ("micro_batch", "grad_accum", "max_steps", "seq_len", "r", "refresh_every", "tp", *may_be_zero):
+    for flag in ("micro_batch", "grad_accum", "max_steps", "seq_len", "r", "refresh_every", "tp", "sequence_parallel",
+                 *may_be_zero):
         value = getattr(args, flag)
         if value is not None and value < (0 if flag in may_be_zero else 1):
             raise UsageError(f"--{flag.replace('_', '-')} must be {'non-negative' if flag in may_be_zero else 'positive'}, "

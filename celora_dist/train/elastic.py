@@ -42,7 +42,7 @@ CONVERTED = "CONVERTED"  # written last inside it: a crash mid-conversion leaves
 def check_resize(saved: dict[str, Any], run: dict[str, Any], where: str) -> int | None:
     """The saved DP size when this run has another one (an elastic resume), else None.
 
-    Raises UsageError for a TP size change, a DP size change under TP, or a global batch
+    Raises UsageError for a TP size change, a DP size change under TP or SP, or a global batch
     that differs from the saved one (naming the flags that make it equal)."""
     if not saved:  # a checkpoint from before run_info.json: taken as saved by this layout
         return None
@@ -58,6 +58,11 @@ def check_resize(saved: dict[str, Any], run: dict[str, Any], where: str) -> int 
         raise UsageError(f"--resume {where}: saved by {saved_dp} data-parallel rank(s) of TP {tp}, this run has "
                          f"{run['dp_size']}; under tensor parallelism resume on the same number of ranks "
                          f"({saved_dp * tp})")
+    sp = run.get("sp_size", 1)
+    if sp > 1:  # DeepSpeed's universal-checkpoint conversion under Ulysses: not verified here
+        raise UsageError(f"--resume {where}: saved by {saved_dp} data-parallel rank(s) of sequence-parallel {sp}, "
+                         f"this run has {run['dp_size']}; under --sequence-parallel resume on the same number of "
+                         f"ranks ({saved_dp * sp})")
     if "global_batch" in saved and saved["global_batch"] != run["global_batch"]:
         raise UsageError(_batch_message(saved, run, where))
     return saved_dp

@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 from .ds_sections import resolve_optim_sections
 from .errors import UsageError, load_mapping
 from .parallel import resolve_tp
+from .sequence import engine_mpu, resolve_sp
 
 # Top-level sections DeepSpeed 0.16-0.19 reads. Keys starting with "_" or "comment" are comments.
 KNOWN_TOP_LEVEL = {
@@ -82,8 +83,10 @@ def resolve_ds_config(path: str, args, world_size: int) -> dict[str, Any]:
     if stage not in (0, 1, 2, 3):
         raise UsageError(f"{where}: zero_optimization.stage must be 0-3, got {stage!r}")
     tp = resolve_tp(cfg, args, world_size, where)  # sets args.tp; TP + ZeRO-3 refused here
-    dp_size = world_size // tp  # DeepSpeed's batch arithmetic counts data-parallel ranks
-    ranks = "rank(s)" if tp == 1 else f"data-parallel rank(s) (TP {tp})"
+    sp = resolve_sp(cfg, args, world_size, where)  # sets args.sequence_parallel; SP + TP refused here
+    dp_size = world_size // (tp * sp)  # DeepSpeed's batch arithmetic counts data-parallel ranks
+    ranks = ("rank(s)" if tp == 1 and sp == 1 else
+             f"data-parallel rank(s) ({f'TP {tp}' if tp > 1 else f'sequence-parallel {sp}'})")
 
     try:
         tbs, mb, ga = (_num(cfg.get(k)) for k in BATCH_KEYS)
@@ -303,7 +306,7 @@ def build_engine(model, ds_config: dict, args, total_steps: int):
         register_zero3_params(model)
     optimizer, scheduler = build_optimizer([p for p in model.parameters() if p.requires_grad], args, total_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=engine_mpu(ds_config))
     if args.compile:
         # engine.compile() compiles engine.module in place (nn.Module.compile): the module stays the
         # model, so its state_dict keys, checkpoints, adapter export and the CE-LoRA schedule's walk

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import CELoRAConfig
+from . import quantize as quantization
 from .errors import UsageError
 
 
@@ -43,11 +44,16 @@ def check_chat(model_dir: str | Path, template_file: str | None, record: dict) -
     chat_ids(tokenizer, record["messages"], 10**9)
 
 
-def load(model_dir: str | Path, dtype: str, seed: int, chat_template: str | None = None) -> tuple[Any, Any]:
+def load(model_dir: str | Path, dtype: str, seed: int, chat_template: str | None = None,
+         quantize: str | None = None, attn_implementation: str | None = None) -> tuple[Any, Any]:
     """(tokenizer, causal LM in ``dtype`` "fp32"/"bf16", KV cache off for training).
 
+    ``attn_implementation``: HF's choice when None; "sdpa" under --sequence-parallel (what
+    DeepSpeed's Ulysses attention wraps, sequence.py).
+
     Seeds torch with ``seed`` first: every rank then draws the same LoRA initialisation
-    when the CE-LoRA layers are injected next."""
+    when the CE-LoRA layers are injected next. ``quantize`` ("nf4"/"fp4"/"int8"): the linear
+    layers are loaded quantized by bitsandbytes (``train/quantize.py``), ``dtype`` the compute dtype."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -58,7 +64,9 @@ def load(model_dir: str | Path, dtype: str, seed: int, chat_template: str | None
 
         use_template(tokenizer, chat_template)
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
+    extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, **extra,
+                                                 **quantization.load_kwargs(quantize, dtype))
     model.config.use_cache = False
     return tokenizer, model
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint, data, elastic, embedded, engine, model, monitor, parallel
+from . import checkpoint, data, elastic, embedded, engine, model, monitor, parallel, quantize, sequence
 
 
 @dataclass
@@ -22,6 +22,7 @@ class Job:
 
     world: int  # ranks
     tp: int  # tensor-parallel size (1: data parallel only)
+    sp: int  # sequence-parallel size (Ulysses; 1: off)
     zero_stage: int
     is_main: bool  # global rank 0: writes metrics, summary, progress
     ds_config: dict[str, Any]  # resolved: batch sizes, dtype, clipping, TP filled in
@@ -35,9 +36,10 @@ class Job:
 
 def run_info(args: argparse.Namespace, world: int, zero_stage: int) -> dict[str, Any]:
     """The set-up a resume is checked against (checkpoint.check_compatible, elastic.check_resize)."""
-    dp = world // args.tp
+    dp = world // (args.tp * args.sequence_parallel)
     return {"world_size": world, "zero_stage": zero_stage, "dtype": args.dtype, "method": args.method,
-            "tp_size": args.tp, "dp_size": dp, "micro_batch": args.micro_batch, "grad_accum": args.grad_accum,
+            "tp_size": args.tp, "sp_size": args.sequence_parallel, "dp_size": dp, "quantize": args.quantize,
+            "micro_batch": args.micro_batch, "grad_accum": args.grad_accum,
             "global_batch": args.micro_batch * args.grad_accum * dp}
 
 
@@ -72,6 +74,8 @@ def prepare(args: argparse.Namespace) -> Job:
                                                               if "messages" in r))
     model.check_targets(model_dir, args.celora)
     parallel.check_tp_model(model_dir, args.tp)
-    return Job(world=world, tp=args.tp, zero_stage=zero_stage, is_main=is_main, ds_config=ds_config,
+    quantize.check(args, model_dir, zero_stage, args.tp)
+    sequence.check_sp_model(model_dir, args.sequence_parallel)
+    return Job(world=world, tp=args.tp, sp=args.sequence_parallel, zero_stage=zero_stage, is_main=is_main, ds_config=ds_config,
                run_info=info, model_dir=model_dir, train_records=train_records, eval_records=eval_records,
                task=task, resized_from=resized_from)

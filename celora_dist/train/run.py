@@ -67,6 +67,8 @@ class Run:
         layout = f"ZeRO-{job.zero_stage} x {job.world} rank(s)"
         if job.tp > 1:
             layout += f" (TP {job.tp} x DP {dp_world})"
+        if job.sp > 1:
+            layout += f" (sequence-parallel {job.sp} x DP {dp_world})"
         if self.previous_run is not None:
             self.metrics.message(f"--overwrite-output-dir: the earlier run is in {self.previous_run} until this "
                                  f"run's first checkpoint is complete")
@@ -74,6 +76,7 @@ class Run:
             f"{'CE-LoRA' if args.method == 'celora' else 'LoRA'} | {Path(job.model_dir).name} | {job.task} | "
             f"{layout} | micro-batch {args.micro_batch} x grad-accum {args.grad_accum} "
             f"| {total_steps} steps ({batches.steps_per_epoch}/epoch) | {args.dtype}"
+            + (f" | {args.quantize} base (CE-QLoRA)" if args.quantize else "")
             + (f" | compiled ({args.compile})" if args.compile else "")
             + (f" | resumed at step {step}" if args.resume else "")
             + (f" (saved by {job.resized_from} DP rank(s))" if job.resized_from else ""))
