@@ -26,6 +26,7 @@ from typing import Any
 from torch import nn
 
 from .chunked_loss import chunked_lm_head_loss
+from .head import VocabSparseLMHead
 
 # model_type -> the config field of its final-logit softcap (None: no softcap)
 SUPPORTED: dict[str, str | None] = {
@@ -60,8 +61,6 @@ def unsupported_reason(model: nn.Module) -> str | None:
 
     if getattr(model, "loss_function", None) is not ForCausalLMLoss:
         return f"{type(model).__name__} has a custom loss_function (not transformers' ForCausalLMLoss)"
-    from .head import VocabSparseLMHead
-
     head = model.get_output_embeddings()
     if type(head) is not nn.Linear and not isinstance(head, VocabSparseLMHead):
         return f"its LM head is a {type(head).__name__}, not an nn.Linear (a wrapped head computes something else)"

@@ -40,19 +40,16 @@ comes back in the hidden state's dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .head import VocabSparseLMHead
 from .kernels import grad_input, gradient_scores
 from .precision import autocast_off, cast, compute_dtype
 from .selection import topk_indices
 from .zero import gathered_for_read, is_partitioned
-
-if TYPE_CHECKING:
-    from .head import VocabSparseLMHead
 
 IGNORE_INDEX = -100
 
@@ -64,7 +61,7 @@ class _Plan:
     need_dx: bool
     need_dw: bool
     need_db: bool
-    sparse: "VocabSparseLMHead | None"  # a head that approximates (not keep 1); None: exact backward
+    sparse: VocabSparseLMHead | None  # a head that approximates (not keep 1); None: exact backward
 
 
 def _logit_grad(p: Tensor, y: Tensor, t: Tensor | None, inv_n: Tensor, dtype: torch.dtype) -> Tensor:
@@ -166,9 +163,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         return dx, dw, db, None, None, None
 
 
-def _head_parts(head: nn.Module) -> tuple[Tensor, Tensor | None, "VocabSparseLMHead | None"]:
-    from .head import VocabSparseLMHead
-
+def _head_parts(head: nn.Module) -> tuple[Tensor, Tensor | None, VocabSparseLMHead | None]:
     if isinstance(head, VocabSparseLMHead):
         return head.weight, head.bias, None if head.is_exact else head
     if type(head) is nn.Linear:

@@ -294,6 +294,26 @@ def test_unsupported_models_and_heads_are_refused():
     assert "Sequential" in unsupported_reason(wrapped)
 
 
+def test_trainer_turns_it_on_where_exact_and_notes_where_not(capsys):
+    """launch/train.py's --loss-chunk: on for a supported model, a note (and HF's path) for another, off at 0."""
+    from transformers import CohereConfig, CohereForCausalLM
+
+    from celora_dist.train.model import chunk_loss
+
+    llama = tiny_llama()
+    chunk_loss(llama, 0, verbose=True)
+    assert not is_chunked(llama)
+    chunk_loss(llama, 64, verbose=True)
+    assert is_chunked(llama) and llama.celora_loss_chunk == 64
+    cohere = CohereForCausalLM(CohereConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=1))
+    chunk_loss(cohere, 64, verbose=True)
+    assert not is_chunked(cohere)
+    out = capsys.readouterr().out
+    assert "LM-head loss: 64 counted tokens per chunk" in out
+    assert "note: --loss-chunk: CohereForCausalLM (model_type 'cohere')" in out and "full-logits path" in out
+
+
 def test_supported_families_still_have_the_forward_it_reproduces():
     """The transformers source of every SUPPORTED family: body `self.model(...)`, `self.lm_head(hidden_states)`,
     then only the softcap the list names, then `self.loss_function(...)`; a change fails here."""
