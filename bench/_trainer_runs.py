@@ -10,6 +10,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,12 @@ def run_env() -> dict[str, str]:
     return env
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _train_main(argv: list[str]) -> None:
     """launch/train.py's main(argv) in this process (its progress output goes to stderr)."""
     global _TRAIN_MODULE
@@ -46,15 +53,24 @@ def _train_main(argv: list[str]) -> None:
         _TRAIN_MODULE.main(argv)
 
 
-def run_trainer(flags: list[str], out: Path, log: Callable[[str], None], in_process: bool = False) -> list[dict]:
-    """Train into ``out``; returns the records of its metrics.jsonl. Exits with the log tail on failure."""
+def run_trainer(flags: list[str], out: Path, log: Callable[[str], None], in_process: bool = False,
+                nproc: int = 1, env: dict[str, str] | None = None) -> list[dict]:
+    """Train into ``out``; returns the records of its metrics.jsonl. Exits with the log tail on failure.
+
+    ``nproc`` > 1 starts the ranks through DeepSpeed's launcher (on this machine's CPUs or GPUs);
+    ``env`` adds to :func:`run_env`."""
     # the benchmarks own their run folders: a re-run replaces an unfinished one
-    cmd = [sys.executable, str(TRAIN), *flags, "--output-dir", str(out), "--overwrite-output-dir"]
+    tail = [str(TRAIN), *flags, "--output-dir", str(out), "--overwrite-output-dir"]
+    cmd = [sys.executable, *tail] if nproc == 1 else [
+        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
+        str(_free_port()), *tail]
     log(f"$ {' '.join(cmd[1:])}")
     if in_process:
-        _train_main(cmd[2:])
+        if nproc != 1:
+            raise ValueError("in_process runs one rank")
+        _train_main(tail[1:])
     else:
-        proc = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True)
+        proc = subprocess.run(cmd, cwd=ROOT, env={**run_env(), **(env or {})}, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"error: run failed (rc={proc.returncode}): {' '.join(cmd)}\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

@@ -602,3 +602,38 @@ def test_chunked_head_smoke(tmp_path):
         assert row["time_ratio"] == pytest.approx(row["chunked_ms"] / row["full_ms"])
         assert row["peak_saved_mb"] == pytest.approx(row["full_peak_mb"] - row["chunked_peak_mb"])
         assert row["loss_diff"] < 1e-5  # the same loss, to fp32 rounding
+
+
+def test_long_context_smoke(assets, tmp_path):
+    """bench/long_context.py --smoke: each config trains at both lengths through launch/train.py, tokens/s is
+    T over the printed step time, the fit's slope is the two runs' (least squares through two points), and
+    --predict's table obeys what the memory model must: the chunked head, checkpointing and SP each lengthen
+    the longest sequence. One child process (the runs are in-process there)."""
+    import json
+
+    out = tmp_path / "long.json"
+    configs = ["lora-full", "celora-chunked+ckpt"]
+    cmd = [sys.executable, str(ROOT / "bench" / "long_context.py"), "--smoke", "--model", str(assets["model"]),
+           "--configs", ",".join(configs), "--workdir", str(tmp_path / "runs"), "--json", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run(["timeout", "-k", "10", "300", *cmd], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert [(r["config"], r["T"]) for r in result["runs"]] == [(c, t) for c in configs for t in (64, 128)]
+    for run in result["runs"]:
+        assert run["peak_mb"] > 0 and run["tokens_per_s"] == pytest.approx(run["T"] / run["step_s"])
+    for fit, config in zip(result["fits"], configs):
+        a, b = [r for r in result["runs"] if r["config"] == config]
+        assert fit["config"] == config and fit["measured_T"] == "64,128"
+        assert fit["kb_per_token"] == pytest.approx((b["peak_mb"] - a["peak_mb"]) / 64 * 1024)
+    assert "| config | T | peak_mb |" in proc.stdout
+
+    bench = _load(ROOT / "bench" / "long_context.py")
+    rows = {r["config"]: r for r in bench.predict("llama-3-8b", gpus=8, gpu_gb=80, peak_tflops=989, mfu=0.4)}
+    for method in ("lora", "celora"):
+        full, chunked = rows[f"{method}-full"]["longest_T"], rows[f"{method}-chunked"]["longest_T"]
+        ckpt, sp = rows[f"{method}-chunked+ckpt"]["longest_T"], rows[f"{method}-chunked+ckpt+sp8"]["longest_T"]
+        assert 0 < full < chunked < ckpt < sp
+    # CE-LoRA's step has fewer FLOPs than LoRA's, at every length
+    assert rows["celora-chunked"]["tokens_per_s"] > rows["lora-chunked"]["tokens_per_s"]

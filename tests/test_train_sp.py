@@ -147,6 +147,7 @@ def test_bad_sequence_parallel_runs_fail_fast_in_process(assets, tmp_path, clean
         (4, ["--sequence-parallel", "2", "--deepspeed_config", str(sp_config)],
          r"--sequence-parallel 2 but .* sets sequence_parallel_size = 4"),
         (2, ["--sequence-parallel", "0"], r"--sequence-parallel must be positive"),
+        (2, ["--sequence-parallel", "2", "--quantize", "nf4"], r"--quantize with --sequence-parallel 2 is not supported"),
         (8, ["--sequence-parallel", "8", "--micro-batch", "1"], r"its 4 attention heads do not split over"),
         (2, ["--sequence-parallel", "2", "--model", str(eager)],
          r"attn_implementation 'eager'; .* loads the model with attn_implementation=\"sdpa\""),
