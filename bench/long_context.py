@@ -123,15 +123,26 @@ def document_rows(tokenizer, tokens: int, path: Path, n_rows: int = 4) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def run_flags(config: str, tokens: int, steps: int, model_flags: list[str], data: Path) -> list[str]:
+    """launch/train.py's flags for one run (``tokens`` already a multiple of the config's SP size)."""
+    return [*model_flags, "--data", str(data), "--eval-fraction", "0.25", "--seq-len", str(tokens),
+            "--micro-batch", "1", "--max-steps", str(steps), "--no-final-eval", "--no-zero-shot",
+            "--dtype", "fp32", "--lr", "1e-4", *CONFIGS[config]]
+
+
 def run_one(config: str, tokens: int, steps: int, model_flags: list[str], data: Path, out: Path, log,
             in_process: bool = False) -> dict:
     """One run of ``config`` at T = ``tokens`` (less the remainder SP cannot split): the measured row."""
     tokens -= tokens % ranks(config)
-    flags = [*model_flags, "--data", str(data), "--eval-fraction", "0.25", "--seq-len", str(tokens),
-             "--micro-batch", "1", "--max-steps", str(steps), "--no-final-eval", "--no-zero-shot",
-             "--dtype", "fp32", "--lr", "1e-4", *CONFIGS[config]]
+    flags = run_flags(config, tokens, steps, model_flags, data)
     env = {"OMP_NUM_THREADS": "1"} if ranks(config) > 1 else {}  # the same two cores in all
-    records = run_trainer(flags, out, log, in_process=in_process and ranks(config) == 1, nproc=ranks(config), env=env)
+    done = out / "bench_flags.json"  # a finished run of the same flags in --workdir is read, not re-run
+    if done.is_file() and json.loads(done.read_text()) == flags and (out / "summary.json").is_file():
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    else:
+        records = run_trainer(flags, out, log, in_process=in_process and ranks(config) == 1, nproc=ranks(config),
+                              env=env)
+        done.write_text(json.dumps(flags))
     records = [r for r in records if "loss" in r and "eval" not in r]
     timed = [r["step_time_s"] for r in records[1:]] or [records[0]["step_time_s"]]
     step = statistics.median(timed)
@@ -193,7 +204,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of: {', '.join(CONFIGS)}")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per run (the first is not timed)")
     p.add_argument("--memory-gb", type=float, default=None, help="memory the projection fills (default: MemTotal - 1 GB)")
-    p.add_argument("--verify", action="store_true", help="train 2 steps at each config's projected longest T")
+    p.add_argument("--verify", nargs="?", const="all", default=None, metavar="CONFIGS",
+                   help="train 2 steps at the projected longest T of these configs (comma list; bare: all)")
     p.add_argument("--verify-max-tokens", type=int, default=16384,
                    help="--verify skips configs whose projected longest T is above this (the time it would take)")
     p.add_argument("--model", default=None, help="HF model folder (default: the embedded SmolLM2-135M-Instruct)")
@@ -206,7 +218,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="--predict: dense bf16 peak per GPU (H100 SXM)")
     p.add_argument("--mfu", type=float, default=0.4, help="--predict: assumed share of the peak a step sustains")
     p.add_argument("--json", default=None, help="write the rows and fits to this file")
-    p.add_argument("--workdir", default=None, help="run folders (default: a temporary folder)")
+    p.add_argument("--workdir", default=None,
+                   help="run folders (default: a temporary folder); finished runs there are reused")
     return p.parse_args(argv)
 
 
@@ -253,8 +266,9 @@ def main(argv: list[str] | None = None) -> dict:
         runs += rows
         fits.append(fit(rows, memory_mb))
     if args.verify:
+        chosen = configs if args.verify == "all" else [c.strip() for c in args.verify.split(",")]
         for f in fits:
-            if 0 < f["longest_T"] <= args.verify_max_tokens:
+            if f["config"] in chosen and 0 < f["longest_T"] <= args.verify_max_tokens:
                 data = work / f"doc_{f['longest_T']}.jsonl"
                 document_rows(tokenizer, f["longest_T"], data)
                 row = run_one(f["config"], f["longest_T"], 2, ["--model", model_dir], data,
