@@ -44,16 +44,31 @@ from .precision import autocast_off, cast, compute_dtype
 from .scheduled import ScheduledModule, graph_boundary
 from .selection import RelErrorMeter, topk_indices
 
+_BLOCK_ELEMS = 1 << 19  # fp32 elements per row block of column_statistics on CPU (2 MiB, as gradient_scores)
+
 
 def column_statistics(G: Tensor, tail_correction: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(‖G[:, v]‖², Σ_t G[t, v], any G[t, v] < 0) over a (T, V) logit gradient, in fp32 / bool.
 
     The last two only with ``tail_correction`` (None otherwise); all three are sums / ORs over
     tokens, so the chunked loss accumulates them chunk by chunk and selects as this head does."""
-    scores = gradient_scores(G)
     if not tail_correction:
-        return scores, None, None
-    return scores, G.sum(dim=0, dtype=torch.float32), G.amin(dim=0) < 0
+        return gradient_scores(G), None, None
+    if G.device.type != "cpu":
+        return gradient_scores(G), G.sum(dim=0, dtype=torch.float32), G.amin(dim=0) < 0
+    # CPU: the three reductions per cache-sized row block of G, one read of G from memory (as
+    # ops/amm.py's gradient_scores blocks its one)
+    T, V = G.shape
+    rows = max(1, _BLOCK_ELEMS // max(V, 1))
+    scores = torch.zeros(V, dtype=torch.float32, device=G.device)
+    colsum = torch.zeros(V, dtype=torch.float32, device=G.device)
+    colmin = torch.full((V,), float("inf"), dtype=torch.float32, device=G.device)
+    for start in range(0, T, rows):
+        g = G[start:start + rows].float()
+        scores.add_((g * g).sum(dim=0))
+        colsum.add_(g.sum(dim=0))
+        torch.minimum(colmin, g.amin(dim=0), out=colmin)
+    return scores, colsum, colmin < 0
 
 
 def select_rows(scores: Tensor, w_row_sq: Tensor, k: int, labels: Tensor | None) -> Tensor:
