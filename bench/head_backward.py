@@ -247,9 +247,43 @@ def diagnose(n_batches: int, batch: int, keeps: list[float], grad: bool, smoke: 
     return rows
 
 
+class _LayerContrast:
+    """A projection's dX error at the released keep 0.55 (``G[:, Ī] Ws[Ī]``, the error CE-LoRA's layer
+    makes, Ws = W0 − B0 A0 at r0 = 14), from the G an exact backward delivers at the layer's output."""
+
+    def __init__(self, model, keep: float = 0.55, r0: int = 14) -> None:
+        from celora_dist.factors import double_lora_factors
+        layers = model.model.layers
+        self.name = f"layers.{len(layers) // 2}.mlp.down_proj"
+        self.layer = layers[len(layers) // 2].mlp.down_proj
+        w0 = self.layer.base_layer.weight.detach().float()
+        B0, A0, self.ws_row_sq = double_lora_factors(w0, r0, torch.float32)
+        self.w0, self.ws, self.k = w0, w0 - B0 @ A0, num_kept(keep, w0.shape[0])
+        self.G = None
+        self.layer.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, out):
+        if out.requires_grad:
+            out.register_hook(lambda g: setattr(self, "G", g.detach().reshape(-1, g.shape[-1]).clone()))
+
+    def error(self) -> tuple[torch.Tensor, float]:
+        """(per-token error rows of the tokens that carry gradient, relative error) for the last G."""
+        G = self.G
+        kept = topk_indices(gradient_scores(G) * self.ws_row_sq, self.k)
+        dropped = torch.ones(G.shape[1], dtype=torch.bool)
+        dropped[kept] = False
+        E = G[:, dropped] @ self.ws[dropped]
+        live = G.abs().sum(1) > 0
+        return E[live], _rel(E + G @ self.w0, G @ self.w0)
+
+
 def _measure(model, lora, batches: list[dict], W: torch.Tensor, keeps: list[float], grad: bool, phase: str) -> list[dict]:
     rows = []
     grads: dict = {}
+    layer_errors: dict = {}
+    contrast = getattr(model, "_head_diag_contrast", None)
+    if grad and contrast is None:
+        contrast = model._head_diag_contrast = _LayerContrast(model)
     for bi, b in enumerate(batches):
         h, where, y = _counted(model, b, grad)
         x = h.reshape(-1, h.shape[-1])[where]
@@ -275,6 +309,10 @@ def _measure(model, lora, batches: list[dict], W: torch.Tensor, keeps: list[floa
                     full[where] = v[name]
                     h.backward(full.view_as(h), retain_graph=name != "weighted")
                     g[name] = torch.cat([p.grad.flatten() for p in lora])
+                    if name == "exact":
+                        layer_errors[bi], rel = contrast.error()
+                        print(f"# {contrast.name} at keep 0.55, batch {bi}: dX rel error {rel:.3f}, pairwise cos "
+                              f"of tokens' errors {_pairwise_cos(layer_errors[bi]):.3f}", flush=True)
                 row["grad_none"], row["grad_weighted"] = _rel(g["none"], g["exact"]), _rel(g["weighted"], g["exact"])
                 grads[bi] = g
             rows.append(row)
@@ -285,7 +323,9 @@ def _measure(model, lora, batches: list[dict], W: torch.Tensor, keeps: list[floa
         a, c = grads[0], grads[1]
         print(f"# LoRA gradient, batch 0 vs 1: cos(true) {float(cos(a['exact'], c['exact'], dim=0)):.3f}; "
               f"cos(errors) none {float(cos(a['none'] - a['exact'], c['none'] - c['exact'], dim=0)):.3f}, "
-              f"weighted {float(cos(a['weighted'] - a['exact'], c['weighted'] - c['exact'], dim=0)):.3f}", flush=True)
+              f"weighted {float(cos(a['weighted'] - a['exact'], c['weighted'] - c['exact'], dim=0)):.3f}; "
+              f"{contrast.name}: cos of the two batches' summed dX errors "
+              f"{float(cos(layer_errors[0].sum(0), layer_errors[1].sum(0), dim=0)):.3f}", flush=True)
     return rows
 
 
