@@ -22,7 +22,8 @@ def _cfg(argv):
 def test_flags_build_the_config():
     cfg = _cfg(["--keep", "auto", "--error-budget", "0.2", "--head-keep", "0.1"])
     assert cfg.keep == {name: "auto" for name in APPROX}
-    assert cfg.error_budget == 0.2 and cfg.head_keep == 0.1
+    assert cfg.error_budget == 0.2 and cfg.head_keep == 0.1 and cfg.head_tail_correction
+    assert not _cfg(["--head-keep", "0.1", "--no-head-tail-correction"]).head_tail_correction
     assert sorted(cfg.exact) == ["gate_proj", "k_proj", "q_proj"]
     mixed = _cfg(["--keep", "v_proj=auto,o_proj=0.4,up_proj=1"])
     assert mixed.keep == {"v_proj": "auto", "o_proj": 0.4, "down_proj": 0.65}
