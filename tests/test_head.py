@@ -223,3 +223,20 @@ def test_head_keep_validation():
         CELoRAConfig(head_keep=2)
     with pytest.raises(ValueError, match="head_tail_correction"):
         CELoRAConfig(head_keep=0.1, head_tail_correction="yes")
+
+
+def test_column_statistics_blocked_cpu_pass_equals_the_plain_reductions():
+    """The CPU pass (three reductions per cache-sized row block) equals the one accelerators run:
+    gradient_scores, G.sum(0), G.amin(0) < 0 -- over several blocks and a ragged last one."""
+    from celora_dist.head import _BLOCK_ELEMS, column_statistics
+    from celora_dist.ops.amm import gradient_scores
+
+    V = 40_000
+    T = 2 * (_BLOCK_ELEMS // V) + 3
+    G = torch.softmax(torch.randn(T, V, generator=torch.Generator().manual_seed(0)), dim=-1)
+    G[torch.arange(T), torch.arange(T) * 7] -= 1.0
+    scores, colsum, labels = column_statistics(G, True)
+    torch.testing.assert_close(scores, gradient_scores(G), rtol=1e-6, atol=0)
+    torch.testing.assert_close(colsum, G.sum(dim=0), rtol=1e-5, atol=1e-9)
+    assert torch.equal(labels, G.amin(dim=0) < 0) and int(labels.sum()) == T
+    assert column_statistics(G, False)[1:] == (None, None)
