@@ -277,7 +277,8 @@ class _LayerContrast:
         return E[live], _rel(E + G @ self.w0, G @ self.w0)
 
 
-def _measure(model, lora, batches: list[dict], W: torch.Tensor, keeps: list[float], grad: bool, phase: str) -> list[dict]:
+def _measure(model, lora, batches: list[dict], W: torch.Tensor, keeps: list[float], grad: bool,
+             phase: str) -> list[dict]:
     rows = []
     grads: dict = {}
     layer_errors: dict = {}
@@ -293,7 +294,8 @@ def _measure(model, lora, batches: list[dict], W: torch.Tensor, keeps: list[floa
             E = v["none"] - v["exact"]
             easy = v["p_label"] > 0.5
             cos_mu = torch.nn.functional.cosine_similarity(E, -v["mu_tail"][None], dim=1)
-            row = {"phase": phase, "batch": bi, "p_label": float(v["p_label"].median()), "keep": keep, "tokens": len(y), "labels_kept": v["labels_kept"],
+            row = {"phase": phase, "batch": bi, "p_label": float(v["p_label"].median()), "keep": keep,
+                   "tokens": len(y), "labels_kept": v["labels_kept"],
                    "rel_none": _rel(v["none"], v["exact"]), "rel_uniform": _rel(v["uniform"], v["exact"]),
                    "rel_weighted": _rel(v["weighted"], v["exact"]), "cos_mu": float(cos_mu.mean()),
                    "pair_none": _pairwise_cos(E), "pair_weighted": _pairwise_cos(v["weighted"] - v["exact"]),
@@ -316,7 +318,8 @@ def _measure(model, lora, batches: list[dict], W: torch.Tensor, keeps: list[floa
                 row["grad_none"], row["grad_weighted"] = _rel(g["none"], g["exact"]), _rel(g["weighted"], g["exact"])
                 grads[bi] = g
             rows.append(row)
-            print("\n".join(markdown_table([row], DIAG_COLUMNS, DIAG_FORMATS).splitlines()[(0 if len(rows) == 1 and phase == "start" else 2):]),
+            first = len(rows) == 1 and phase == "start"  # the header once, then rows as measured
+            print("\n".join(markdown_table([row], DIAG_COLUMNS, DIAG_FORMATS).splitlines()[0 if first else 2:]),
                   flush=True)
     if len(grads) >= 2:
         cos = torch.nn.functional.cosine_similarity
@@ -329,7 +332,8 @@ def _measure(model, lora, batches: list[dict], W: torch.Tensor, keeps: list[floa
     return rows
 
 
-DIAG_COLUMNS = ["phase", "batch", "p_label", "keep", "tokens", "labels_kept", "rel_none", "rel_uniform", "rel_weighted", "cos_mu",
+DIAG_COLUMNS = ["phase", "batch", "p_label", "keep", "tokens", "labels_kept", "rel_none", "rel_uniform", "rel_weighted",
+                "cos_mu",
                 "pair_none", "pair_weighted", "easy", "rel_easy_none", "rel_easy_weighted", "grad_none",
                 "grad_weighted"]
 DIAG_FORMATS = {"p_label": "{:.3f}", "keep": "{:.2f}", "labels_kept": "{:.3f}",

@@ -27,8 +27,9 @@ predict its accuracy cost"). The correction adds ``c_t · m`` with c_t = Σ_{v�
 token's dropped gradient mass) and m = Σ_{v∉S} g_v W[v] / Σ_{v∉S} g_v, g = the column sums of G
 (the dropped rows' mean, weighted by this batch's gradient mass on them); summed over tokens
 the corrected dH is then exact. Label columns (G < 0) are always kept, so every dropped G is
-≥ 0 and m is a convex combination of dropped rows. Cost: two O(T·V) passes (column sums and
-minima) beside the score pass, one (T, V)·V GEMV for c and one V·d GEMV for m.
+≥ 0 and m is a convex combination of dropped rows. Cost: the column sums and minima beside the
+scores (on CPU in the same blocked read of G), one (T, V)·V GEMV for c and one V·d GEMV for m;
+1 CPU thread, T = 512, V = 49,152, keep 0.1: the sparse dH 57 → 85 ms, the dense one 187 ms.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ from .kernels import grad_input, gradient_scores
 from .precision import autocast_off, cast, compute_dtype
 from .scheduled import ScheduledModule, graph_boundary
 from .selection import RelErrorMeter, topk_indices
+from .zero import gathered
 
 _BLOCK_ELEMS = 1 << 19  # fp32 elements per row block of column_statistics on CPU (2 MiB, as gradient_scores)
 
@@ -116,7 +118,6 @@ def sparse_grad_input(G: Tensor, weight: Tensor, selected: Tensor, tail: TailMea
     """``G[:, S] W[S]`` plus the tail correction when given: the head's approximate dH."""
     dH = grad_input(G, weight, selected)
     return dH if tail is None else dH.add_(tail.of(G).to(dH.dtype))
-from .zero import gathered
 
 
 class _VocabSparseHeadFunction(torch.autograd.Function):
