@@ -28,8 +28,8 @@ token's dropped gradient mass) and m = Σ_{v∉S} g_v W[v] / Σ_{v∉S} g_v, g =
 (the dropped rows' mean, weighted by this batch's gradient mass on them); summed over tokens
 the corrected dH is then exact. Label columns (G < 0) are always kept, so every dropped G is
 ≥ 0 and m is a convex combination of dropped rows. Cost: the column sums and minima beside the
-scores (on CPU in the same blocked read of G), one (T, V)·V GEMV for c and one V·d GEMV for m;
-1 CPU thread, T = 512, V = 49,152, keep 0.1: the sparse dH 57 → 85 ms, the dense one 187 ms.
+scores (on CPU one blocked read of G for both), one (T, V)·V GEMV for c and one V·d GEMV for m;
+1 CPU thread, T = 512, V = 49,152, keep 0.1: the sparse dH 51–57 → 79–85 ms (dense 162–187 ms).
 """
 from __future__ import annotations
 
@@ -54,20 +54,19 @@ def column_statistics(G: Tensor, tail_correction: bool) -> tuple[Tensor, Tensor 
 
     The last two only with ``tail_correction`` (None otherwise); all three are sums / ORs over
     tokens, so the chunked loss accumulates them chunk by chunk and selects as this head does."""
+    scores = gradient_scores(G)  # the kernel dispatch's choice (Triton on GPU), as without the correction
     if not tail_correction:
-        return gradient_scores(G), None, None
+        return scores, None, None
     if G.device.type != "cpu":
-        return gradient_scores(G), G.sum(dim=0, dtype=torch.float32), G.amin(dim=0) < 0
-    # CPU: the three reductions per cache-sized row block of G, one read of G from memory (as
+        return scores, G.sum(dim=0, dtype=torch.float32), G.amin(dim=0) < 0
+    # CPU: both reductions per cache-sized row block of G, one more read of G from memory (as
     # ops/amm.py's gradient_scores blocks its one)
     T, V = G.shape
     rows = max(1, _BLOCK_ELEMS // max(V, 1))
-    scores = torch.zeros(V, dtype=torch.float32, device=G.device)
     colsum = torch.zeros(V, dtype=torch.float32, device=G.device)
     colmin = torch.full((V,), float("inf"), dtype=torch.float32, device=G.device)
     for start in range(0, T, rows):
         g = G[start:start + rows].float()
-        scores.add_((g * g).sum(dim=0))
         colsum.add_(g.sum(dim=0))
         torch.minimum(colmin, g.amin(dim=0), out=colmin)
     return scores, colsum, colmin < 0
