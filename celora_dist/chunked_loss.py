@@ -19,7 +19,10 @@ Composition with the vocab-sparse head (``celora_dist/head.py``): its rows are t
 them alone. Pass 1 runs the chunks for the loss and the column scores ‖G[:, v]‖²; the top-k
 is chosen from the whole batch's scores; pass 2 recomputes each chunk's logits and G and
 forms dH with the gathered rows: the indices and dH equal the unchunked head's (to fp32
-rounding of the summation order). Cost per micro-batch (n counted tokens, hidden d, k kept
+rounding of the summation order). With the head's tail correction (``head.TailMean``, on by
+default) pass 1 also sums G's columns and ORs the label mask (columns with G < 0) over the chunks,
+the dropped rows' weighted mean m is formed once, and pass 2 adds c_t·m to each chunk's dH: again the
+unchunked head's. Cost per micro-batch (n counted tokens, hidden d, k kept
 rows), in GEMM FLOPs:
 
     today (logits, then the head's backward)   exact head: 4nVd      sparse head: 2nVd + 2nkd
