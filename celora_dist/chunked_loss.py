@@ -19,7 +19,10 @@ Composition with the vocab-sparse head (``celora_dist/head.py``): its rows are t
 them alone. Pass 1 runs the chunks for the loss and the column scores ‖G[:, v]‖²; the top-k
 is chosen from the whole batch's scores; pass 2 recomputes each chunk's logits and G and
 forms dH with the gathered rows: the indices and dH equal the unchunked head's (to fp32
-rounding of the summation order). Cost per micro-batch (n counted tokens, hidden d, k kept
+rounding of the summation order). With the head's tail correction (``head.TailMean``, on by
+default) pass 1 also sums G's columns and ORs the label mask (columns with G < 0) over the chunks,
+the dropped rows' weighted mean m is formed once, and pass 2 adds c_t·m to each chunk's dH: again the
+unchunked head's. Cost per micro-batch (n counted tokens, hidden d, k kept
 rows), in GEMM FLOPs:
 
     today (logits, then the head's backward)   exact head: 4nVd      sparse head: 2nVd + 2nkd
@@ -45,10 +48,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .head import VocabSparseLMHead
-from .kernels import grad_input, gradient_scores
+from .head import TailMean, VocabSparseLMHead, column_statistics, select_rows, sparse_grad_input
+from .kernels import grad_input
 from .precision import autocast_off, cast, compute_dtype
-from .selection import topk_indices
 from .zero import gathered_for_read, is_partitioned
 
 IGNORE_INDEX = -100
@@ -92,7 +94,10 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if plan.need_dw else None
         db = torch.zeros(bias.shape, dtype=torch.float32, device=x.device) if plan.need_db else None
         sparse = plan.sparse if plan.need_dx else None
+        correct = sparse is not None and sparse.tail_correction
         scores = torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device) if sparse is not None else None
+        colsum = torch.zeros_like(scores) if correct else None
+        labels = torch.zeros(weight.shape[0], dtype=torch.bool, device=x.device) if correct else None
         spans = [(i, min(i + plan.chunk, x.shape[0])) for i in range(0, x.shape[0], plan.chunk)]
         lses = []
 
@@ -120,7 +125,11 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 return
             G = _logit_grad(e.div_(sum_e[:, None]), y[i:j], t, inv_n, dtype)
             if sparse is not None:
-                scores.add_(gradient_scores(G))
+                chunk_scores, chunk_colsum, chunk_labels = column_statistics(G, correct)
+                scores.add_(chunk_scores)
+                if correct:
+                    colsum.add_(chunk_colsum)
+                    labels.logical_or_(chunk_labels)
                 lses.append(lse)
                 return
             if dx is not None:
@@ -130,11 +139,12 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             if db is not None:
                 db.add_(G.sum(dim=0, dtype=torch.float32))
 
-        def second_pass(i: int, j: int, lse: Tensor, selected: Tensor, exact: Tensor | None) -> None:
+        def second_pass(i: int, j: int, lse: Tensor, selected: Tensor, tail: TailMean | None,
+                        exact: Tensor | None) -> None:
             """The chunk's G recomputed, dH with the batch's top-k rows (and exactly, on a measuring step)."""
             s, t = logits(i, j)
             G = _logit_grad(s.sub_(lse[:, None]).exp_(), y[i:j], t, inv_n, dtype)
-            dx[i:j] = grad_input(G, weight, selected)
+            dx[i:j] = sparse_grad_input(G, weight, selected, tail)
             if exact is not None:
                 exact[i:j] = grad_input(G, w)
 
@@ -142,10 +152,11 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             first_pass(i, j)
         exact = None
         if sparse is not None:
-            selected = topk_indices(scores * sparse.w_row_sq, sparse.k)
+            selected = select_rows(scores, sparse.w_row_sq, sparse.k, labels)
+            tail = TailMean(colsum, weight, selected, dtype) if correct else None
             exact = x.new_empty(x.shape) if sparse.measure_due() else None
             for (i, j), lse in zip(spans, lses):
-                second_pass(i, j, lse, selected, exact)
+                second_pass(i, j, lse, selected, tail, exact)
         ctx.sparse = sparse
         ctx.save_for_backward(dx, dw, db, exact)
         ctx.w_dtype, ctx.b_dtype = weight.dtype, None if bias is None else bias.dtype

@@ -80,7 +80,8 @@ def inject_celora_backward(model: nn.Module, cfg: CELoRAConfig, verbose: bool = 
         kwargs = {**cfg.layer_kwargs(name), "r": 0}
         _replace(model, name, _celora_type(linears[name])(linears[name], **kwargs, factors=factors[name]))
     if cfg.head_keep is not None:
-        sparsify_lm_head(model, cfg.head_keep, measure_every=cfg.refresh_every)
+        sparsify_lm_head(model, cfg.head_keep, measure_every=cfg.refresh_every,
+                         tail_correction=cfg.head_tail_correction)
     if verbose:
         print(f"CE-LoRA: {len(factors)} of {len(linears)} target linears get the approximate backward; "
               f"SVD splits: {counts['computed']} computed by this rank, {counts['cached']} from the cache")
@@ -114,7 +115,8 @@ def inject_celora(model: nn.Module, cfg: CELoRAConfig, verbose: bool = True, dis
         n_approx += not layer.is_exact
 
     if cfg.head_keep is not None:
-        sparsify_lm_head(model, cfg.head_keep, measure_every=cfg.refresh_every)
+        sparsify_lm_head(model, cfg.head_keep, measure_every=cfg.refresh_every,
+                         tail_correction=cfg.head_tail_correction)
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

@@ -778,3 +778,19 @@ def test_long_context_smoke(assets, tmp_path):
         assert 0 < full < chunked < ckpt < sp
     # CE-LoRA's step has fewer FLOPs than LoRA's, at every length
     assert rows["celora-chunked"]["tokens_per_s"] > rows["lora-chunked"]["tokens_per_s"]
+
+
+def test_head_diagnose_smoke_rows_and_the_correction_shrinks_the_error(capsys):
+    """bench/head_backward.py --diagnose on a tiny tied model with an anisotropic embedding: one row per
+    (phase, batch, keep), the printed table parses, and the library's tail correction beats the plain top-k."""
+    bench = _load(ROOT / "bench" / "head_backward.py")
+    rows = bench.main(["--diagnose", "--smoke", "--grad", "--steps", "1", "--batches", "2", "--batch", "2",
+                       "--keeps", "0.1,0.2"])
+    header, printed = _parse(capsys.readouterr().out)
+    assert header == bench.DIAG_COLUMNS and len(rows) == len(printed) == 2 * 2 * 2
+    for row in rows:
+        assert row["rel_weighted"] < row["rel_none"] and 0 < row["rel_none"]
+        assert row["labels_kept"] == 1.0
+    with_grad = [r for r in rows if r["grad_none"] == r["grad_none"]]  # not NaN: the middle keep only
+    assert [r["keep"] for r in with_grad] == [0.2] * 4
+    assert all(r["grad_weighted"] < r["grad_none"] for r in with_grad)

@@ -111,16 +111,19 @@ def _recording(monkeypatch, module) -> list[torch.Tensor]:
 
 def test_vocab_sparse_head_same_indices_dh_and_telemetry(monkeypatch):
     """Scores summed over every chunk before the top-k: the unchunked head's indices and dH, on approximate
-    and measuring steps (refresh_every 3: steps 0 and 3 measure), and the same measured error."""
+    and measuring steps (refresh_every 3: steps 0-3 measure, 4 and 5 approximate), and the same measured error."""
     ref, chunked = twins(head_keep=0.2)
-    picked_ref, picked = _recording(monkeypatch, head_module), _recording(monkeypatch, chunked_loss_module)
+    assert ref.lm_head.tail_correction and chunked.lm_head.tail_correction  # the default: corrected dH
+    picked_all = _recording(monkeypatch, head_module)  # both paths select through head.select_rows
+    picked_ref, picked = picked_all[0::2], picked_all[1::2]
     ids, labels = batch()
     dh = {}
     for model in (ref, chunked):
         model.model.norm.register_forward_hook(lambda m, i, o: o.retain_grad() or dh.__setitem__(id(m), o))
-    for step in range(4):
+    for step in range(6):
         _, g_ref = loss_and_grads(ref, ids, labels)
         _, g = loss_and_grads(chunked, ids, labels)
+        picked_ref, picked = picked_all[0::2], picked_all[1::2]
         assert len(picked_ref) == len(picked) == step + 1
         assert torch.equal(picked[-1], picked_ref[-1]) and picked[-1].numel() == ref.lm_head.k
         torch.testing.assert_close(dh[id(chunked.model.norm)].grad, dh[id(ref.model.norm)].grad, rtol=1e-5, atol=1e-8)
@@ -136,8 +139,8 @@ def test_sparse_dh_is_the_top_k_rows_of_the_whole_batch_score():
     ALL tokens (float64 reference from autograd's G), where a per-chunk selection would differ."""
     torch.manual_seed(0)
     base = torch.nn.Linear(16, 200, bias=False)
-    head = head_module.VocabSparseLMHead(base, keep=0.1, measure_every=1000)
-    head.step = 1  # an approximate step
+    head = head_module.VocabSparseLMHead(base, keep=0.1, measure_every=1000, tail_correction=False)
+    head.step = 3  # an approximate step
     hidden = torch.randn(2, 20, 16, requires_grad=True)
     labels = torch.randint(0, 200, (2, 20))
     labels[0, 3:9] = -100
@@ -152,6 +155,31 @@ def test_sparse_dh_is_the_top_k_rows_of_the_whole_batch_score():
     predicting = G.reshape(2, 20, 200)[:, :-1].reshape(-1, 200)  # the positions that predict labels[:, 1:]
     first_chunk = predicting[labels[:, 1:].reshape(-1) != -100][:4]  # the first chunk's 4 counted tokens
     assert set(torch.topk(first_chunk.norm(dim=0) * W.norm(dim=1), head.k).indices.tolist()) != set(top.tolist())
+
+
+def test_tail_corrected_dh_over_chunks_is_the_whole_batch_formula():
+    """With the tail correction (the default) the chunked dH is G[:, S] W[S] + c_t m with S, the column sums
+    g and so m taken over the WHOLE batch (float64 reference, written out in tests/test_head.py), labels kept
+    first (more label rows than k here: ties to the lower index, the tail weights clamped at 0)."""
+    from .test_head import _anisotropic_head, corrected_dh
+
+    torch.manual_seed(0)
+    base = _anisotropic_head(vocab=200, d=16)
+    head = head_module.VocabSparseLMHead(base, keep=0.1, measure_every=1000)
+    head.step = 3  # an approximate step
+    hidden = torch.randn(2, 20, 16, requires_grad=True)
+    labels = torch.randint(0, 200, (2, 20))
+    labels[0, 3:9] = -100
+    chunked_lm_head_loss(hidden, head, labels, chunk=4).backward()
+
+    h = hidden.detach().double().requires_grad_(True)
+    logits = h @ base.weight.double().t()
+    G = torch.autograd.grad(F.cross_entropy(logits[:, :-1].reshape(-1, 200), labels[:, 1:].reshape(-1)), logits)[0]
+    G, W = G.reshape(-1, 200), base.weight.detach().double()
+    score = (G.norm(dim=0) * W.norm(dim=1)).masked_fill(G.amin(dim=0) < 0, float("inf"))
+    top = torch.sort(score, descending=True, stable=True).indices[:head.k]
+    torch.testing.assert_close(hidden.grad.double().reshape(-1, 16), corrected_dh(G, W, top), rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(hidden.grad.double().reshape(-1, 16), G[:, top] @ W[top], atol=1e-4)
 
 
 def test_ignore_index_num_items_and_shift_labels():

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--head-keep", type=float, default=None,
                    help="vocab-sparse LM head: fraction of vocabulary rows kept in the head's backward dX, "
                         "in (0, 1] (default: exact head)")
+    g.add_argument("--no-head-tail-correction", action="store_true",
+                   help="vocab-sparse LM head: drop the tail correction (the dropped rows' weighted mean added "
+                        "to dH, labels always kept; docs/design.md §5) -- for ablations")
     g.add_argument("--refresh-every", type=int, default=None, help="optimizer steps between index refreshes")
     g.add_argument("--no-sync-indices", action="store_true", help="each DP rank selects indices from its own G")
     g.add_argument("--factor-cache", default=None,
@@ -206,6 +209,8 @@ def celora_config_from_args(args: argparse.Namespace) -> CELoRAConfig:
             raise UsageError(f"--head-keep must be in (0, 1] (the share of vocabulary rows kept), "
                              f"got {args.head_keep}")
         base["head_keep"] = args.head_keep
+    if args.no_head_tail_correction:
+        base["head_tail_correction"] = False
     keep = base.get("keep", {})
     keep = {name: AUTO for name in RELEASED_KEEP} if keep == AUTO else dict(keep)
     exact = list(base.get("exact", []))
