@@ -37,7 +37,8 @@ Methods:
   q/k/gate exact as in the released config, v/o/up/down still adaptive), ``fast-head<H>``
   (``--head-keep H``), ``fast-budget<B>`` (``--error-budget B``), ``fast-refresh<N>``
   (``--refresh-every N`` instead of the study's); a bare family name takes its values from
-  ``--fast-head-keeps`` / ``--fast-budgets`` / ``--fast-refresh``.
+  ``--fast-head-keeps`` / ``--fast-budgets`` / ``--fast-refresh``; ``fast-nocorrection``
+  (``--no-head-tail-correction``: the vocab-sparse head's plain top-k, docs/design.md §5).
 
 Tasks (``--tasks``; bench/_mc_tasks.py has the split rule and why each file):
 
@@ -91,7 +92,7 @@ QKG_EXACT = "q_proj=1,k_proj=1,gate_proj=1"  # the released config's exact proje
 FAMILIES = ("celora-head", "fast-head", "fast-budget", "fast-refresh")
 METHODS = ("lora", "celora", "celora-auto", "celora-head", "celora-rsvd", "celora-all", "qlora", "ceqlora",
            "preset-released", "preset-fast", "fast-nohead", "fast-exact-qkg", "fast-head", "fast-budget",
-           "fast-refresh")
+           "fast-refresh", "fast-nocorrection")
 STUDY_METHODS = ("lora", "preset-released", "preset-fast", "fast-nohead")
 TASKS = ("piqa", "boolq", *_mc_tasks.TASKS)
 FLOORS = ("zero-shot", "majority")
@@ -126,6 +127,8 @@ def method_flags(method: str, error_budget: float, svd: tuple[int, int] = (16, 4
         "fast-nohead": FAST + ["--head-keep", "1"],
         # --keep NAME=1 moves NAME from the preset's adaptive keeps to the exact list
         "fast-exact-qkg": FAST + ["--keep", QKG_EXACT],
+        # the vocab-sparse head without its tail correction (the head as it was before it)
+        "fast-nocorrection": FAST + ["--no-head-tail-correction"],
     }[method]
 
 

@@ -3,6 +3,7 @@
     python bench/long_context.py                       # SmolLM2-135M, T = 1024/2048/4096, every config (~40 min, 2 cores)
     python bench/long_context.py --tokens 2048 --configs lora-chunked,celora-chunked
     python bench/long_context.py --verify              # also train once at each config's projected longest T
+    python bench/long_context.py --verify lora-chunked=9984,celora-chunked   # at a given T / at the fit's
     python bench/long_context.py --smoke               # the tiny test model, 2 short lengths (the test)
 
 Every run is ``launch/train.py`` itself (its own process; SP through DeepSpeed's launcher) on one
@@ -14,9 +15,9 @@ the trainer's flags: ``lora`` (``--method lora``) or ``celora`` (the released co
 SmolLM2-135M's 9 heads refuse SP 2; T is rounded down to a multiple of 3).
 
 Measured per run, from the trainer's metrics.jsonl: ``peak_mb`` (rank 0's peak resident memory,
-the whole process: weights, optimizer, activations), the step time and tokens/s of the steps after
-the first (the first carries start-up work: CE-LoRA's exact refresh step, first-touch pages):
-median and range. Per config, a least-squares line ``peak = base + per_token · T`` through the
+the whole process: weights, optimizer, activations), the step time and tokens/s of the steady steps
+(median and range): not the first (start-up work, first-touch pages) and none on which CE-LoRA
+refreshed, measured or timed its dX backends (those carry telemetry records). Per config, a least-squares line ``peak = base + per_token · T`` through the
 measured lengths gives ``longest_T``: the T at which the machine's memory (``--memory-gb``,
 default MemTotal less 1 GB for the system; SP: all its ranks on this machine) would be full; it is a
 projection unless ``--verify`` trained there. The step time is fitted as ``a·T + b·T²`` (the
@@ -144,7 +145,12 @@ def run_one(config: str, tokens: int, steps: int, model_flags: list[str], data: 
                               env=env)
         done.write_text(json.dumps(flags))
     records = [r for r in records if "loss" in r and "eval" not in r]
-    timed = [r["step_time_s"] for r in records[1:]] or [records[0]["step_time_s"]]
+    from celora_dist.train.metrics import has_telemetry
+
+    # steady steps: not the first (start-up work) nor one where CE-LoRA refreshed, measured or timed its
+    # dX backends (step 1 under the default kernel choice: 42.7 s vs 29.8 s at 4,096 tokens)
+    steady = [r for r in records[1:] if not has_telemetry(r)] or records[1:] or records
+    timed = [r["step_time_s"] for r in steady]
     step = statistics.median(timed)
     return {"config": config, "T": tokens, "peak_mb": max(r["peak_mem_mb"] for r in records), "step_s": step,
             "step_range_s": max(timed) - min(timed), "tokens_per_s": tokens / step, "loss": records[-1]["loss"],
@@ -191,6 +197,55 @@ def model_slope_kb(config: str, tokens: int) -> float:
     return (step_memory(shape, cfg, tokens, **kw).total - step_memory(shape, cfg, tokens // 2, **kw).total) / (tokens / 2) / 1024
 
 
+def verify_lengths(text: str, configs: list[str]) -> dict[str, int | None]:
+    """--verify's value: ``all``, or ``CONFIG[=T],...`` (T: the length to try first; default the fit's)."""
+    if text == "all":
+        return dict.fromkeys(configs)
+    out: dict[str, int | None] = {}
+    for item in (i.strip() for i in text.split(",") if i.strip()):
+        name, _, tokens = item.partition("=")
+        if name not in configs:
+            raise SystemExit(f"error: --verify names {name!r}, which is not among --configs")
+        try:
+            out[name] = int(tokens) if tokens else None
+        except ValueError:
+            raise SystemExit(f"error: --verify {item!r}: the length after '=' must be an integer") from None
+    return out
+
+
+def verify(fit_row: dict, tries: int, model_dir: str, tokenizer, work: Path, runs: list[dict], log) -> None:
+    """Train 2 steps at the fit's longest T; a run the kernel kills for memory (SIGKILL: no swap
+    here) is recorded and retried 20 % shorter, ``tries`` lengths in all."""
+    config, tokens = fit_row["config"], fit_row["longest_T"]
+    killed = []
+    for _ in range(tries):
+        data = work / f"doc_{tokens}.jsonl"
+        if not data.exists():
+            document_rows(tokenizer, tokens, data)
+        out = work / f"{config}_{tokens}"
+        marker = out / "bench_killed.json"  # a length killed before, with the same flags: not tried again
+        flags = run_flags(config, tokens, 2, ["--model", model_dir], data)
+        try:
+            if marker.is_file() and json.loads(marker.read_text()) == flags:
+                raise SystemExit("rc=-9 (recorded in an earlier run of this bench)")
+            row = run_one(config, tokens, 2, ["--model", model_dir], data, out, log)
+        except SystemExit as failed:
+            if "rc=-9" not in str(failed) and "rc=137" not in str(failed):
+                raise
+            out.mkdir(parents=True, exist_ok=True)
+            marker.write_text(json.dumps(flags))
+            killed.append(tokens)
+            log(f"{config} T={tokens}: killed (out of memory)")
+            tokens = int(tokens * 0.8) // (256 * ranks(config)) * (256 * ranks(config))
+            continue
+        runs.append(row)
+        fit_row.update(longest_T=tokens, tokens_per_s_there=row["tokens_per_s"],
+                       verified=f"yes: {row['peak_mb'] * ranks(config):.0f} MB"
+                                + (f"; killed at {', '.join(f'{t:,}' for t in killed)}" if killed else ""))
+        return
+    fit_row.update(verified=f"killed at {', '.join(f'{t:,}' for t in killed)}", tokens_per_s_there=math.nan)
+
+
 def machine_memory_mb() -> float:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemTotal:"):
@@ -205,7 +260,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per run (the first is not timed)")
     p.add_argument("--memory-gb", type=float, default=None, help="memory the projection fills (default: MemTotal - 1 GB)")
     p.add_argument("--verify", nargs="?", const="all", default=None, metavar="CONFIGS",
-                   help="train 2 steps at the projected longest T of these configs (comma list; bare: all)")
+                   help="train 2 steps at the projected longest T of these configs (comma list, CONFIG=T to "
+                        "choose the length; bare: all)")
+    p.add_argument("--verify-tries", type=int, default=2,
+                   help="--verify: lengths tried per config (each after a killed run is 20%% shorter)")
     p.add_argument("--verify-max-tokens", type=int, default=16384,
                    help="--verify skips configs whose projected longest T is above this (the time it would take)")
     p.add_argument("--model", default=None, help="HF model folder (default: the embedded SmolLM2-135M-Instruct)")
@@ -266,16 +324,12 @@ def main(argv: list[str] | None = None) -> dict:
         runs += rows
         fits.append(fit(rows, memory_mb))
     if args.verify:
-        chosen = configs if args.verify == "all" else [c.strip() for c in args.verify.split(",")]
+        chosen = verify_lengths(args.verify, configs)
         for f in fits:
-            if f["config"] in chosen and 0 < f["longest_T"] <= args.verify_max_tokens:
-                data = work / f"doc_{f['longest_T']}.jsonl"
-                document_rows(tokenizer, f["longest_T"], data)
-                row = run_one(f["config"], f["longest_T"], 2, ["--model", model_dir], data,
-                              work / f"{f['config']}_{f['longest_T']}", log)
-                runs.append(row)
-                f.update(verified=f"yes: {row['peak_mb'] * ranks(f['config']):.0f} MB",
-                         tokens_per_s_there=row["tokens_per_s"])
+            if f["config"] in chosen:
+                f["longest_T"] = chosen[f["config"]] or f["longest_T"]
+                if 0 < f["longest_T"] <= args.verify_max_tokens:
+                    verify(f, args.verify_tries, model_dir, tokenizer, work, runs, log)
     print(f"memory the projection fills: {memory_mb:.0f} MB; {os.cpu_count()} CPU threads")
     print(markdown_table(runs, RUN_COLUMNS, FORMATS))
     print()

@@ -11,8 +11,8 @@ measured CPU table. Counted, in bytes per rank:
   gradient split over DP from ZeRO-2, the moments from ZeRO-1);
 * **activations** saved for backward, per token and decoder layer, written out from transformers'
   Llama layer under sdpa (:func:`layer_saved_elements`; tests/test_memory_model.py counts the
-  tensors autograd really saves), plus one layer's set live during backward (its gradients, or
-  under checkpointing the recomputed layer). With checkpointing a layer keeps only its input;
+  tensors autograd really saves), plus one layer's set live during backward (its gradients; under
+  checkpointing also the recomputed layer's set). With checkpointing a layer keeps only its input;
 * **LM head**: the (T × V) logits, in fp32 as the loss upcasts them, ``HEAD_COPIES`` times (logits,
   log-softmax, its gradient: measured 2.86-2.89 copies on SmolLM2's head at 2,048 / 4,096 tokens,
   BENCHMARKS.md "Chunked LM-head loss"); the chunked loss holds a chunk's worth instead;
@@ -96,8 +96,10 @@ def step_memory(shape_or_model, cfg: CELoRAConfig, seq_len: int, *, checkpointin
     targets = sum(cfg.keep_for(name) is not None for name, _, _ in shape.projections())
     per_layer = layer_saved_elements(shape, cfg.r, targets)
     tokens = seq_len / sequence_parallel
-    kept_per_layer = shape.hidden if checkpointing else per_layer
-    activations = (shape.layers * kept_per_layer + per_layer) * tokens * activation_bytes
+    # live in backward besides what the layers keep: one layer's gradients, and under checkpointing
+    # also the layer's recomputed activations
+    kept_per_layer, live = (shape.hidden, 2 * per_layer) if checkpointing else (per_layer, per_layer)
+    activations = (shape.layers * kept_per_layer + live) * tokens * activation_bytes
     # a chunk as long as the sequence still saves: measured 880 -> 708 MB at 512 tokens, chunk 1024
     head_tokens, copies = (tokens, HEAD_COPIES) if loss_chunk is None else (min(tokens, loss_chunk), CHUNK_COPIES)
     head = copies * head_tokens * shape.vocab * 4
