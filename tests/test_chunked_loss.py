@@ -134,22 +134,27 @@ def test_vocab_sparse_head_same_indices_dh_and_telemetry(monkeypatch):
     assert got["rel_error"] == pytest.approx(want["rel_error"], rel=1e-5)
 
 
+def _chunked_sparse_backward(head, base) -> tuple:
+    """(hidden with its chunked-path .grad, labels, G, W): 2 x 20 tokens of a 200-row head at chunk 4,
+    6 prompt tokens ignored, on an approximate step; G is autograd's float64 logit gradient of the same loss."""
+    head.step = 3  # an approximate step
+    hidden = torch.randn(2, 20, 16, requires_grad=True)
+    labels = torch.randint(0, 200, (2, 20))
+    labels[0, 3:9] = -100
+    chunked_lm_head_loss(hidden, head, labels, chunk=4).backward()
+    h = hidden.detach().double().requires_grad_(True)
+    logits = h @ base.weight.double().t()
+    G = torch.autograd.grad(F.cross_entropy(logits[:, :-1].reshape(-1, 200), labels[:, 1:].reshape(-1)), logits)[0]
+    return hidden, labels, G.reshape(-1, 200), base.weight.detach().double()
+
+
 def test_sparse_dh_is_the_top_k_rows_of_the_whole_batch_score():
     """Independent of the unchunked head: dH = G[:, I] W[I] with I the top-k of ‖G[:, v]‖·‖W[v]‖ over
     ALL tokens (float64 reference from autograd's G), where a per-chunk selection would differ."""
     torch.manual_seed(0)
     base = torch.nn.Linear(16, 200, bias=False)
     head = head_module.VocabSparseLMHead(base, keep=0.1, measure_every=1000, tail_correction=False)
-    head.step = 3  # an approximate step
-    hidden = torch.randn(2, 20, 16, requires_grad=True)
-    labels = torch.randint(0, 200, (2, 20))
-    labels[0, 3:9] = -100
-    chunked_lm_head_loss(hidden, head, labels, chunk=4).backward()
-
-    h = hidden.detach().double().requires_grad_(True)
-    logits = h @ base.weight.double().t()
-    G = torch.autograd.grad(F.cross_entropy(logits[:, :-1].reshape(-1, 200), labels[:, 1:].reshape(-1)), logits)[0]
-    G, W = G.reshape(-1, 200), base.weight.detach().double()
+    hidden, labels, G, W = _chunked_sparse_backward(head, base)
     top = torch.topk(G.norm(dim=0) * W.norm(dim=1), head.k).indices
     torch.testing.assert_close(hidden.grad.double().reshape(-1, 16), G[:, top] @ W[top], rtol=1e-5, atol=1e-7)
     predicting = G.reshape(2, 20, 200)[:, :-1].reshape(-1, 200)  # the positions that predict labels[:, 1:]
@@ -166,16 +171,7 @@ def test_tail_corrected_dh_over_chunks_is_the_whole_batch_formula():
     torch.manual_seed(0)
     base = _anisotropic_head(vocab=200, d=16)
     head = head_module.VocabSparseLMHead(base, keep=0.1, measure_every=1000)
-    head.step = 3  # an approximate step
-    hidden = torch.randn(2, 20, 16, requires_grad=True)
-    labels = torch.randint(0, 200, (2, 20))
-    labels[0, 3:9] = -100
-    chunked_lm_head_loss(hidden, head, labels, chunk=4).backward()
-
-    h = hidden.detach().double().requires_grad_(True)
-    logits = h @ base.weight.double().t()
-    G = torch.autograd.grad(F.cross_entropy(logits[:, :-1].reshape(-1, 200), labels[:, 1:].reshape(-1)), logits)[0]
-    G, W = G.reshape(-1, 200), base.weight.detach().double()
+    hidden, labels, G, W = _chunked_sparse_backward(head, base)
     score = (G.norm(dim=0) * W.norm(dim=1)).masked_fill(G.amin(dim=0) < 0, float("inf"))
     top = torch.sort(score, descending=True, stable=True).indices[:head.k]
     torch.testing.assert_close(hidden.grad.double().reshape(-1, 16), corrected_dh(G, W, top), rtol=1e-5, atol=1e-7)
