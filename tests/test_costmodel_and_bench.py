@@ -126,11 +126,12 @@ def finite(cell: str) -> bool:
 def test_head_benchmark_smoke():
     header, rows = table(run_smoke("head_backward.py"))
     assert header == ["shape", "V", "d", "T", "keep", "k", "dense_ms", "sparse_ms", "speedup", "ceiling",
-                      "of_ceiling", "rel_err"]
+                      "of_ceiling", "rel_err", "corr_ms", "corr_rel_err"]
     assert len(rows) == 3
     for row in rows:
         assert all(finite(c) for c in row[1:]), row
-        assert 0 < float(row[-1]) < 1  # approximation error is real and bounded
+        rel_err, corr_rel_err = float(row[header.index("rel_err")]), float(row[-1])
+        assert 0 < rel_err < 1 and 0 < corr_rel_err < 1  # approximation error is real and bounded
 
 
 def test_end_to_end_benchmark_smoke():
