@@ -74,7 +74,7 @@ def predict(model: str, gpus: int, gpu_gb: float, peak_tflops: float, mfu: float
     weights and activations, ZeRO-3 over all GPUs; SP = all GPUs for the +sp rows, else 1 and each
     GPU trains its own sequence), and the step FLOPs' tokens/s at an assumed ``mfu``."""
     from celora_dist.costmodel import MODEL_SHAPES, step_flops
-    from celora_dist.memory_model import longest_sequence, step_memory
+    from celora_dist.memory_model import longest_sequence
 
     shape = MODEL_SHAPES[model]
     rows = []
@@ -88,7 +88,7 @@ def predict(model: str, gpus: int, gpu_gb: float, peak_tflops: float, mfu: float
         longest = longest_sequence(shape, cfg, gpu_gb * 1e9, multiple=256 * sp, **kw)
         flops = step_flops(shape, cfg, max(longest, 1), checkpointing=kw["checkpointing"])
         per_token = flops.dense if config.startswith("lora") else flops.celora
-        slope = (step_memory(shape, cfg, 2 * 8192, **kw).total - step_memory(shape, cfg, 8192, **kw).total) / 8192
+        slope = model_bytes_per_token(shape, cfg, 16384, kw)
         rows.append({"model": model, "config": config.replace("sp3", f"sp{gpus}"), "gpus": gpus, "sp": sp,
                      "longest_T": longest, "tokens_per_s": gpus * peak_tflops * 1e12 * mfu / per_token,
                      "per_token_kb": slope * sp / 1024})
@@ -122,6 +122,14 @@ def document_rows(tokenizer, tokens: int, path: Path, n_rows: int = 4) -> None:
     rows = [{"instruction": "Continue.", "output": tokenizer.decode(ids[i * tokens:(i + 1) * tokens + 8])}
             for i in range(n_rows)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def document(work: Path, tokenizer, tokens: int) -> Path:
+    """``work``'s document file for ``tokens`` tokens, written on first use."""
+    data = work / f"doc_{tokens}.jsonl"
+    if not data.exists():
+        document_rows(tokenizer, tokens, data)
+    return data
 
 
 def run_flags(config: str, tokens: int, steps: int, model_flags: list[str], data: Path) -> list[str]:
@@ -166,19 +174,15 @@ def fit(rows: list[dict], memory_mb: float) -> dict:
         return {"config": config, "measured_T": str(xs[0]), "base_mb": math.nan, "kb_per_token": math.nan,
                 "model_kb_per_token": math.nan,
                 "longest_T": 0, "verified": "no", "tokens_per_s_there": math.nan}
-    mx, my = statistics.mean(xs), statistics.mean(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    base = my - slope * mx
+    slope, base = statistics.linear_regression(xs, ys)
     longest = int((memory_mb / ranks(config) - base) / slope) if slope > 0 else 0
     longest -= longest % (256 * ranks(config))  # a round number that SP divides
     # step time a·T + b·T² through the origin: least squares on (T, T²)
-    s11 = sum(x * x for x in xs)
-    s12 = sum(x ** 3 for x in xs)
-    s22 = sum(x ** 4 for x in xs)
-    t1 = sum(x * r["step_s"] for x, r in zip(xs, rows))
-    t2 = sum(x * x * r["step_s"] for x, r in zip(xs, rows))
-    det = s11 * s22 - s12 * s12
-    a, b = (t1 * s22 - t2 * s12) / det, (s11 * t2 - s12 * t1) / det
+    import torch
+
+    design = torch.tensor([[x, x * x] for x in xs], dtype=torch.float64)
+    times = torch.tensor([[r["step_s"]] for r in rows], dtype=torch.float64)
+    a, b = torch.linalg.lstsq(design, times).solution.flatten().tolist()
     step_there = a * longest + b * longest ** 2
     return {"config": config, "measured_T": ",".join(str(x) for x in xs), "base_mb": base,
             "kb_per_token": slope * 1024, "model_kb_per_token": model_slope_kb(config, max(xs)),
@@ -190,11 +194,17 @@ def model_slope_kb(config: str, tokens: int) -> float:
     """The memory model's kB per token of sequence for SmolLM2-135M under ``config`` (per rank,
     fp32), between ``tokens`` / 2 and ``tokens``: what the measured slope is checked against."""
     from celora_dist.costmodel import MODEL_SHAPES
+
+    kw = model_kwargs(config, sequence_parallel=ranks(config), world=ranks(config))
+    return model_bytes_per_token(MODEL_SHAPES["smollm2-135m"], method_config(config), tokens, kw) / 1024
+
+
+def model_bytes_per_token(shape, cfg, tokens: int, kw: dict) -> float:
+    """step_memory's growth per token between ``tokens`` / 2 and ``tokens`` (bytes per rank)."""
     from celora_dist.memory_model import step_memory
 
-    shape, cfg = MODEL_SHAPES["smollm2-135m"], method_config(config)
-    kw = model_kwargs(config, sequence_parallel=ranks(config), world=ranks(config))
-    return (step_memory(shape, cfg, tokens, **kw).total - step_memory(shape, cfg, tokens // 2, **kw).total) / (tokens / 2) / 1024
+    low, high = step_memory(shape, cfg, tokens // 2, **kw).total, step_memory(shape, cfg, tokens, **kw).total
+    return (high - low) / (tokens - tokens // 2)
 
 
 def verify_lengths(text: str, configs: list[str]) -> dict[str, int | None]:
@@ -219,9 +229,7 @@ def verify(fit_row: dict, tries: int, model_dir: str, tokenizer, work: Path, run
     config, tokens = fit_row["config"], fit_row["longest_T"]
     killed = []
     for _ in range(tries):
-        data = work / f"doc_{tokens}.jsonl"
-        if not data.exists():
-            document_rows(tokenizer, tokens, data)
+        data = document(work, tokenizer, tokens)
         out = work / f"{config}_{tokens}"
         marker = out / "bench_killed.json"  # a length killed before, with the same flags: not tried again
         flags = run_flags(config, tokens, 2, ["--model", model_dir], data)
@@ -313,9 +321,7 @@ def main(argv: list[str] | None = None) -> dict:
     for config in configs:
         rows = []
         for tokens in lengths:
-            data = work / f"doc_{tokens}.jsonl"
-            if not data.exists():
-                document_rows(tokenizer, tokens, data)
+            data = document(work, tokenizer, tokens)
             t0 = time.perf_counter()
             rows.append(run_one(config, tokens, args.steps, ["--model", model_dir], data, work / f"{config}_{tokens}",
                                 log, in_process=args.smoke))
