@@ -10,7 +10,6 @@ import contextlib
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from celora_dist.train.engine import free_port  # noqa: E402 (this checkout's, after the path above)
 TRAIN = ROOT / "launch" / "train.py"
 
 _TRAIN_MODULE = None
@@ -34,12 +35,6 @@ def run_env() -> dict[str, str]:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _train_main(argv: list[str]) -> None:
@@ -63,7 +58,7 @@ def run_trainer(flags: list[str], out: Path, log: Callable[[str], None], in_proc
     tail = [str(TRAIN), *flags, "--output-dir", str(out), "--overwrite-output-dir"]
     cmd = [sys.executable, *tail] if nproc == 1 else [
         sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
-        str(_free_port()), *tail]
+        str(free_port()), *tail]
     log(f"$ {' '.join(cmd[1:])}")
     if in_process:
         if nproc != 1:

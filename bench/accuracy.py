@@ -36,8 +36,10 @@ Methods:
   (``--head-keep 1``: the exact head), ``fast-exact-qkg`` (``--keep q_proj=1,k_proj=1,gate_proj=1``:
   q/k/gate exact as in the released config, v/o/up/down still adaptive), ``fast-head<H>``
   (``--head-keep H``), ``fast-budget<B>`` (``--error-budget B``), ``fast-refresh<N>``
-  (``--refresh-every N`` instead of the study's); a bare family name takes its values from
-  ``--fast-head-keeps`` / ``--fast-budgets`` / ``--fast-refresh``; ``fast-nocorrection``
+  (``--refresh-every N`` instead of the study's), ``fast-warmup<N>`` (``--dense-warmup N``: the
+  exact backward for the first N steps, SparseLoRA's dense warm-up); a bare family name takes its
+  values from ``--fast-head-keeps`` / ``--fast-budgets`` / ``--fast-refresh`` / ``--fast-warmups``;
+  ``fast-nocorrection``
   (``--no-head-tail-correction``: the vocab-sparse head's plain top-k, docs/design.md §5).
 
 Tasks (``--tasks``; bench/_mc_tasks.py has the split rule and why each file):
@@ -89,10 +91,10 @@ ALL_AUTO = ",".join(f"{name}=auto" for name in SEVEN)
 FAST = ["--method", "celora", "--preset", "fast"]
 QKG_EXACT = "q_proj=1,k_proj=1,gate_proj=1"  # the released config's exact projections, through --keep
 # a family name plus a value (celora-head0.1, fast-budget0.2, fast-refresh5); the bare name expands
-FAMILIES = ("celora-head", "fast-head", "fast-budget", "fast-refresh")
+FAMILIES = ("celora-head", "fast-head", "fast-budget", "fast-refresh", "fast-warmup")
 METHODS = ("lora", "celora", "celora-auto", "celora-head", "celora-rsvd", "celora-all", "qlora", "ceqlora",
            "preset-released", "preset-fast", "fast-nohead", "fast-exact-qkg", "fast-head", "fast-budget",
-           "fast-refresh", "fast-nocorrection")
+           "fast-refresh", "fast-warmup", "fast-nocorrection")
 STUDY_METHODS = ("lora", "preset-released", "preset-fast", "fast-nohead")
 TASKS = ("piqa", "boolq", *_mc_tasks.TASKS)
 FLOORS = ("zero-shot", "majority")
@@ -109,7 +111,7 @@ def method_flags(method: str, error_budget: float, svd: tuple[int, int] = (16, 4
         return (["--method", "celora", "--keep", ALL_AUTO, "--error-budget", budget]
                 + (["--head-keep", head] if head else []))
     for family, flag in (("fast-head", "--head-keep"), ("fast-budget", "--error-budget"),
-                         ("fast-refresh", "--refresh-every")):
+                         ("fast-refresh", "--refresh-every"), ("fast-warmup", "--dense-warmup")):
         if method.startswith(family):  # the fast preset with one field changed
             return FAST + [flag, method[len(family):]]
     return {
@@ -149,6 +151,7 @@ _VALUES = {
     "fast-head": (float, lambda v: 0.0 < v <= 1.0, "fractions in (0, 1]"),
     "fast-budget": (float, lambda v: 0.0 <= v < 1.0, "error budgets in [0, 1)"),
     "fast-refresh": (int, lambda v: v >= 1, "positive step counts"),
+    "fast-warmup": (int, lambda v: v >= 0, "step counts >= 0"),
 }
 
 
@@ -191,7 +194,7 @@ def expand_methods(methods: list[str], head_keeps: list[float], all_budgets: lis
                    fast: dict[str, list[float | int]] | None = None) -> list[str]:
     """``celora-head`` becomes one method per head keep, named with it (celora-head0.1);
     ``celora-all`` one per budget, alone and with each head keep (celora-all0.3-head0.1);
-    ``fast-head`` / ``fast-budget`` / ``fast-refresh`` one per value in ``fast[family]``."""
+    ``fast-head`` / ``fast-budget`` / ``fast-refresh`` / ``fast-warmup`` one per value in ``fast[family]``."""
     values = {"celora-head": head_keeps, **(fast or {})}
     out = []
     for m in methods:
@@ -435,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast-head-keeps", default="0.2", help="comma list: one fast-head method per value")
     p.add_argument("--fast-budgets", default="0.2", help="comma list: one fast-budget method per value")
     p.add_argument("--fast-refresh", default="5", help="comma list: one fast-refresh method per period")
+    p.add_argument("--fast-warmups", default="6",
+                   help="comma list: one fast-warmup method per dense warm-up length (optimizer steps; 6 = 10%% "
+                        "of the study's 60)")
     p.add_argument("--deciding-gain", type=float, default=0.03,
                    help="LoRA's gain over zero-shot (accuracy, 0.03 = 3 points) from which a task decides")
     p.add_argument("--dist-timeout", type=float, default=None,
@@ -464,7 +470,8 @@ def study_methods(a: argparse.Namespace, p: argparse.ArgumentParser) -> list[str
     budgets = parse_values(a.all_budgets, "fast-budget", "--all-budgets")
     fast = {"fast-head": parse_values(a.fast_head_keeps, "fast-head", "--fast-head-keeps"),
             "fast-budget": parse_values(a.fast_budgets, "fast-budget", "--fast-budgets"),
-            "fast-refresh": parse_values(a.fast_refresh, "fast-refresh", "--fast-refresh")}
+            "fast-refresh": parse_values(a.fast_refresh, "fast-refresh", "--fast-refresh"),
+            "fast-warmup": parse_values(a.fast_warmups, "fast-warmup", "--fast-warmups")}
     methods = expand_methods(methods, parse_head_keeps(a.head_keep), budgets, fast)
     if len(set(methods)) != len(methods):
         p.error(f"--methods names a method twice (after expansion: {methods})")

@@ -223,7 +223,7 @@ def verify_lengths(text: str, configs: list[str]) -> dict[str, int | None]:
     return out
 
 
-def verify(fit_row: dict, tries: int, model_dir: str, tokenizer, work: Path, runs: list[dict], log) -> None:
+def verify(fit_row: dict, tries: int, model_flags: list[str], tokenizer, work: Path, runs: list[dict], log) -> None:
     """Train 2 steps at the fit's longest T; a run the kernel kills for memory (SIGKILL: no swap
     here) is recorded and retried 20 % shorter, ``tries`` lengths in all."""
     config, tokens = fit_row["config"], fit_row["longest_T"]
@@ -232,11 +232,11 @@ def verify(fit_row: dict, tries: int, model_dir: str, tokenizer, work: Path, run
         data = document(work, tokenizer, tokens)
         out = work / f"{config}_{tokens}"
         marker = out / "bench_killed.json"  # a length killed before, with the same flags: not tried again
-        flags = run_flags(config, tokens, 2, ["--model", model_dir], data)
+        flags = run_flags(config, tokens, 2, model_flags, data)
         try:
             if marker.is_file() and json.loads(marker.read_text()) == flags:
                 raise SystemExit("rc=-9 (recorded in an earlier run of this bench)")
-            row = run_one(config, tokens, 2, ["--model", model_dir], data, out, log)
+            row = run_one(config, tokens, 2, model_flags, data, out, log)
         except SystemExit as failed:
             if "rc=-9" not in str(failed) and "rc=137" not in str(failed):
                 raise
@@ -283,6 +283,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpu-gb", type=float, default=80.0, help="--predict: memory per GPU (GB, 1e9 bytes)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="--predict: dense bf16 peak per GPU (H100 SXM)")
     p.add_argument("--mfu", type=float, default=0.4, help="--predict: assumed share of the peak a step sustains")
+    p.add_argument("--dist-timeout", type=float, default=None,
+                   help="passed to the trainer: its no-progress watchdog (default 600 s) stops a run whose one "
+                        "step takes longer (26,624 tokens with checkpointing took > 600 s a step on 2 CPU cores)")
     p.add_argument("--json", default=None, help="write the rows and fits to this file")
     p.add_argument("--workdir", default=None,
                    help="run folders (default: a temporary folder); finished runs there are reused")
@@ -313,6 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
     from celora_dist.train.embedded import ensure_model
 
     model_dir = args.model or str(ensure_model(verbose=False))
+    model_flags = ["--model", model_dir] + (["--dist-timeout", f"{args.dist_timeout:g}"] if args.dist_timeout else [])
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     log = (lambda s: None) if args.smoke else (lambda s: print(s, file=sys.stderr, flush=True))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="long_context_"))
@@ -323,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
         for tokens in lengths:
             data = document(work, tokenizer, tokens)
             t0 = time.perf_counter()
-            rows.append(run_one(config, tokens, args.steps, ["--model", model_dir], data, work / f"{config}_{tokens}",
+            rows.append(run_one(config, tokens, args.steps, model_flags, data, work / f"{config}_{tokens}",
                                 log, in_process=args.smoke))
             log(f"{config} T={tokens}: peak {rows[-1]['peak_mb']:.0f} MB, {rows[-1]['tokens_per_s']:.0f} tokens/s "
                 f"({time.perf_counter() - t0:.0f} s)")
@@ -335,7 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
             if f["config"] in chosen:
                 f["longest_T"] = chosen[f["config"]] or f["longest_T"]
                 if 0 < f["longest_T"] <= args.verify_max_tokens:
-                    verify(f, args.verify_tries, model_dir, tokenizer, work, runs, log)
+                    verify(f, args.verify_tries, model_flags, tokenizer, work, runs, log)
     print(f"memory the projection fills: {memory_mb:.0f} MB; {os.cpu_count()} CPU threads")
     print(markdown_table(runs, RUN_COLUMNS, FORMATS))
     print()

@@ -176,7 +176,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 
 def _head_parts(head: nn.Module) -> tuple[Tensor, Tensor | None, VocabSparseLMHead | None]:
     if isinstance(head, VocabSparseLMHead):
-        return head.weight, head.bias, None if head.is_exact else head
+        return head.weight, head.bias, head if head.sparse_due() else None
     if type(head) is nn.Linear:
         return head.weight, head.bias, None
     raise TypeError(f"chunked loss: the LM head must be an nn.Linear or a VocabSparseLMHead, got "

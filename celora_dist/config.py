@@ -39,6 +39,10 @@ class CELoRAConfig:
         head's approximate dH and always keep label rows (celora_dist/head.py, "Tail
         correction"). On by default: measured on SmolLM2 / PIQA at head_keep 0.1 it took the
         LoRA gradient's relative error from 19% to 3% (BENCHMARKS.md, "Vocab-sparse head").
+    dense_warmup: optimizer steps at the start during which every approximate layer and the
+        vocab-sparse head run the exact dX (the model trains as plain LoRA), each a refresh step,
+        as SparseLoRA's dense warm-up; 0 (the default) starts approximating after step 0's
+        refresh (docs/design.md §1, "Dense warm-up").
     svd: how the start-up split W0 = B0 A0 + Ws finds its top-r0 subspace: ``"randomized"``
         (the default: range finder with ``svd_oversample`` extra columns and ``svd_niter``
         power iterations, seeded by the weight's bytes) or ``"exact"`` (torch.linalg.svd).
@@ -58,6 +62,7 @@ class CELoRAConfig:
     error_budget: float = 0.3
     head_keep: float | None = None
     head_tail_correction: bool = True
+    dense_warmup: int = 0
     svd: str = "randomized"
     svd_oversample: int = 16
     svd_niter: int = 4
@@ -103,6 +108,9 @@ class CELoRAConfig:
         if not isinstance(self.head_tail_correction, bool):
             raise ValueError(f"CELoRAConfig.head_tail_correction must be True or False, "
                              f"got {self.head_tail_correction!r}")
+        if not is_step_count(self.dense_warmup):
+            raise ValueError(f"CELoRAConfig.dense_warmup must be an integer >= 0 (optimizer steps), "
+                             f"got {self.dense_warmup!r}")
         check_svd(self.svd, self.svd_oversample, self.svd_niter, "CELoRAConfig.")
         both = sorted(set(self.keep) & set(self.exact))
         if both:
@@ -144,7 +152,7 @@ class CELoRAConfig:
         return dict(r=self.r, alpha=self.alpha, rslora=self.rslora, r0=self.r0, keep=keep, dropout=self.dropout,
                     refresh_every=self.refresh_every, score=self.score, sync_indices=self.sync_indices,
                     error_budget=self.error_budget, name=module_name,
-                    svd=self.svd_method)
+                    svd=self.svd_method, dense_warmup=self.dense_warmup)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -165,13 +173,18 @@ def is_fraction(value: Any) -> bool:
     return isinstance(value, (int, float)) and 0.0 < value <= 1.0
 
 
+def is_step_count(value: Any) -> bool:
+    """The rule for a count of optimizer steps that may be zero (an int, not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def check_svd(method: Any, oversample: Any, niter: Any, prefix: str = "") -> None:
     """The rule for the split's SVD settings; raises ValueError naming the bad field
     (``prefix`` + svd / svd_oversample / svd_niter)."""
     if method not in SVD_METHODS:
         raise ValueError(f"{prefix}svd must be one of {SVD_METHODS}, got {method!r}")
     for name, value in (("svd_oversample", oversample), ("svd_niter", niter)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        if not is_step_count(value):
             raise ValueError(f"{prefix}{name} must be a non-negative integer, got {value!r}")
 
 

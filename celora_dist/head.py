@@ -39,15 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import is_fraction, num_kept
+from .config import is_fraction, is_step_count, num_kept
 from .kernels import grad_input, gradient_scores
+from .ops.amm import fp32_row_blocks
 from .precision import autocast_off, cast, compute_dtype
 from .scheduled import ScheduledModule, graph_boundary
 from .selection import RelErrorMeter, topk_indices
 from .zero import gathered
-
-_BLOCK_ELEMS = 1 << 19  # fp32 elements per row block of column_statistics on CPU (2 MiB, as gradient_scores)
-
 
 def column_statistics(G: Tensor, tail_correction: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(‖G[:, v]‖², Σ_t G[t, v], any G[t, v] < 0) over a (T, V) logit gradient, in fp32 / bool.
@@ -59,14 +57,11 @@ def column_statistics(G: Tensor, tail_correction: bool) -> tuple[Tensor, Tensor 
         return scores, None, None
     if G.device.type != "cpu":
         return scores, G.sum(dim=0, dtype=torch.float32), G.amin(dim=0) < 0
-    # CPU: both reductions per cache-sized row block of G, one more read of G from memory (as
-    # ops/amm.py's gradient_scores blocks its one)
-    T, V = G.shape
-    rows = max(1, _BLOCK_ELEMS // max(V, 1))
+    # CPU: both reductions per cache-sized row block of G, one more read of G from memory
+    V = G.shape[1]
     colsum = torch.zeros(V, dtype=torch.float32, device=G.device)
     colmin = torch.full((V,), float("inf"), dtype=torch.float32, device=G.device)
-    for start in range(0, T, rows):
-        g = G[start:start + rows].float()
+    for g in fp32_row_blocks(G):
         colsum.add_(g.sum(dim=0))
         torch.minimum(colmin, g.amin(dim=0), out=colmin)
     return scores, colsum, colmin < 0
@@ -140,7 +135,7 @@ class _VocabSparseHeadFunction(torch.autograd.Function):
         (weight,) = ctx.saved_tensors
         head: VocabSparseLMHead = ctx.head
         G = grad_out.reshape(-1, weight.shape[0])
-        if head.is_exact:
+        if not head.sparse_due():
             dH = grad_input(G, weight)
         else:
             scores, colsum, labels = column_statistics(G, head.tail_correction)
@@ -161,7 +156,8 @@ class VocabSparseLMHead(ScheduledModule, nn.Linear):
     tied to the input embedding stays tied and checkpoints keep their keys.
     """
 
-    def __init__(self, head: nn.Linear, keep: float, measure_every: int = 200, tail_correction: bool = True) -> None:
+    def __init__(self, head: nn.Linear, keep: float, measure_every: int = 200, tail_correction: bool = True,
+                 dense_warmup: int = 0) -> None:
         nn.Module.__init__(self)
         if not isinstance(head, nn.Linear):
             raise TypeError(f"VocabSparseLMHead wraps nn.Linear, got {type(head).__name__}")
@@ -169,6 +165,8 @@ class VocabSparseLMHead(ScheduledModule, nn.Linear):
             raise ValueError(f"head_keep must be in (0, 1], got {keep!r}")
         if measure_every < 1:
             raise ValueError(f"measure_every must be a positive integer, got {measure_every!r}")
+        if not is_step_count(dense_warmup):
+            raise ValueError(f"dense_warmup must be an integer >= 0 (optimizer steps), got {dense_warmup!r}")
         self.in_features, self.out_features = head.in_features, head.out_features
         self.weight = head.weight
         self.bias = head.bias
@@ -178,6 +176,7 @@ class VocabSparseLMHead(ScheduledModule, nn.Linear):
         self.is_exact = self.k == self.out_features
         self.measure_every = measure_every
         self.tail_correction = bool(tail_correction)
+        self.dense_warmup = dense_warmup
         with torch.no_grad(), gathered([self.weight]):
             w = self.weight.float()
             self.register_buffer("w_row_sq", (w * w).sum(dim=1), persistent=False)
@@ -187,6 +186,10 @@ class VocabSparseLMHead(ScheduledModule, nn.Linear):
     @graph_boundary  # eager under torch.compile: the backward reads the step counter
     def forward(self, x: Tensor) -> Tensor:
         return _VocabSparseHeadFunction.apply(x, self.weight, self.bias, self)
+
+    def sparse_due(self) -> bool:
+        """Whether this step's dH is the top-k one: not an exact head, not in the dense warm-up."""
+        return not self.is_exact and self.step >= self.dense_warmup
 
     def measure_due(self) -> bool:
         """Every ``measure_every`` steps, and at 1, 2, 4, 8, ... below it: a 60-step run at
@@ -229,7 +232,7 @@ class VocabSparseLMHead(ScheduledModule, nn.Linear):
 
 
 def sparsify_lm_head(model: nn.Module, keep: float, measure_every: int = 200,
-                     tail_correction: bool = True) -> VocabSparseLMHead:
+                     tail_correction: bool = True, dense_warmup: int = 0) -> VocabSparseLMHead:
     """Replace ``model``'s output embedding (HF ``get_output_embeddings``) in place."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if get is not None else None
@@ -237,6 +240,6 @@ def sparsify_lm_head(model: nn.Module, keep: float, measure_every: int = 200,
         raise ValueError(f"{type(model).__name__} has no output embedding (get_output_embeddings) to sparsify")
     if isinstance(head, VocabSparseLMHead):
         raise ValueError("the LM head is already vocab-sparse")
-    sparse = VocabSparseLMHead(head, keep, measure_every, tail_correction)
+    sparse = VocabSparseLMHead(head, keep, measure_every, tail_correction, dense_warmup)
     model.set_output_embeddings(sparse)
     return sparse

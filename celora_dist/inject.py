@@ -81,7 +81,7 @@ def inject_celora_backward(model: nn.Module, cfg: CELoRAConfig, verbose: bool = 
         _replace(model, name, _celora_type(linears[name])(linears[name], **kwargs, factors=factors[name]))
     if cfg.head_keep is not None:
         sparsify_lm_head(model, cfg.head_keep, measure_every=cfg.refresh_every,
-                         tail_correction=cfg.head_tail_correction)
+                         tail_correction=cfg.head_tail_correction, dense_warmup=cfg.dense_warmup)
     if verbose:
         print(f"CE-LoRA: {len(factors)} of {len(linears)} target linears get the approximate backward; "
               f"SVD splits: {counts['computed']} computed by this rank, {counts['cached']} from the cache")
@@ -116,7 +116,7 @@ def inject_celora(model: nn.Module, cfg: CELoRAConfig, verbose: bool = True, dis
 
     if cfg.head_keep is not None:
         sparsify_lm_head(model, cfg.head_keep, measure_every=cfg.refresh_every,
-                         tail_correction=cfg.head_tail_correction)
+                         tail_correction=cfg.head_tail_correction, dense_warmup=cfg.dense_warmup)
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import AUTO, EXACT, SCORE_MODES, SVDMethod, is_fraction, lora_scaling, num_kept
+from .config import AUTO, EXACT, SCORE_MODES, SVDMethod, is_fraction, is_step_count, lora_scaling, num_kept
 from .factors import check_r0, double_lora_factors
 from .kernels import BackendChoice, grad_input, gradient_scores, implementation
 from .kernels.choice import measuring_step
@@ -47,9 +47,13 @@ class LayerOptions:
     error_budget: float = 0.3
     name: str = ""
     svd: SVDMethod = EXACT
+    dense_warmup: int = 0
 
     def __post_init__(self) -> None:
         where = self.name or "layer"
+        if not is_step_count(self.dense_warmup):
+            raise ValueError(f"dense_warmup for {where} must be an integer >= 0 (optimizer steps), "
+                             f"got {self.dense_warmup!r}")
         if not isinstance(self.r, int) or self.r < 0:
             raise ValueError(f"r for {where} must be an integer >= 0, got {self.r!r}")
         if self.keep != AUTO and not is_fraction(self.keep):
@@ -243,6 +247,7 @@ class CELoRALinear(ScheduledModule, nn.Module):
         error_budget: float = 0.3,
         name: str = "",
         svd: SVDMethod = EXACT,
+        dense_warmup: int = 0,
         *,
         factors: tuple[Tensor, Tensor, Tensor] | None = None,
         lora_weights: tuple[Tensor, Tensor] | None = None,
@@ -251,7 +256,7 @@ class CELoRALinear(ScheduledModule, nn.Module):
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"CELoRALinear wraps nn.Linear, got {type(base_layer).__name__} at {name!r}")
         opts = LayerOptions(r, alpha, rslora, r0, keep, dropout, refresh_every, score, sync_indices,
-                            error_budget, name, svd)
+                            error_budget, name, svd, dense_warmup)
         m, n = base_layer.out_features, base_layer.in_features
         self.options = opts
         self.name = name
@@ -265,6 +270,7 @@ class CELoRALinear(ScheduledModule, nn.Module):
         self.k = m if self.adaptive else num_kept(keep, m)
         self.is_exact = not needs_factors(keep, m)
         self.refresh_every = refresh_every
+        self.dense_warmup = dense_warmup
         self.score = score
         self.sync_indices = sync_indices
 
@@ -342,8 +348,10 @@ class CELoRALinear(ScheduledModule, nn.Module):
 
     # -- backward hooks (called from local_backward / the autograd Function) -------
     def refresh_due(self) -> bool:
-        """True while the current optimizer step is a refresh step (exact backward)."""
-        return not self.is_exact and self.step % self.refresh_every == 0
+        """True while the current optimizer step is a refresh step (exact backward): every
+        ``refresh_every``-th step, and each step of the dense warm-up (docs/design.md §1, "Dense
+        warm-up"), so the first approximate step uses indices scored on the step before it."""
+        return not self.is_exact and (self.step < self.dense_warmup or self.step % self.refresh_every == 0)
 
     def _dx_backend(self, G: Tensor, weight: Tensor, lora_B: Tensor, lora_A: Tensor, B0: Tensor,
                     A0: Tensor, fused: bool) -> str:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from celora_dist import CELoRAConfig, on_optimizer_step, telemetry
 from celora_dist.selection import choose_k
 
 from .test_layer import make_layer, run_backward
+from .train_utils import free_port
 
 
 def test_choose_k_matches_brute_force_tail_estimate():
@@ -93,12 +93,6 @@ def test_auto_keep_validation():
 
 # -- two real ranks (gloo): synced scores and error sums give identical k and indices ------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_main(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -116,7 +110,7 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_two_ranks_agree_and_equal_the_global_batch_choice(tmp_path):
-    mp.start_processes(_rank_main, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_rank_main, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     for step in range(3):
         a, b = (torch.load(tmp_path / f"sel_{r}_{step}.pt") for r in (0, 1))
         assert a["k"] == b["k"]

@@ -290,6 +290,7 @@ def test_accuracy_study_methods_build_their_configs():
     assert sorted(qkg.exact) == ["gate_proj", "k_proj", "q_proj"] and qkg.head_keep == fast.head_keep
     assert cfg("fast-budget0.2") == preset("fast", error_budget=0.2)
     assert cfg("fast-head0.2") == preset("fast", head_keep=0.2)
+    assert cfg("fast-warmup6") == preset("fast", dense_warmup=6)
     common = ["--max-steps", "36", "--refresh-every", "10", "--lr", "0.0002"]
     flags = acc.run_flags(["--model", "M"], common, acc.method_flags("fast-refresh5", 0.3), 1)
     assert flags.count("--refresh-every") == 1 and flags[flags.index("--refresh-every") + 1] == "5"
@@ -298,11 +299,13 @@ def test_accuracy_study_methods_build_their_configs():
     assert acc.study_methods(a, acc.build_parser()) == list(acc.STUDY_METHODS)
     assert a.steps == 36 and a.micro_batch == 4 and a.eval_samples == 300 and a.seeds == 3
     assert a.tasks.split(",") == ["piqa", "boolq", "siqa", "obqa", "csqa", "logiqa", "narrative"]
-    a = acc.build_parser().parse_args(["--methods", "lora,fast-budget,fast-refresh,fast-budget0.4",
-                                       "--fast-budgets", "0.1,0.2", "--fast-refresh", "4"])
+    a = acc.build_parser().parse_args(["--methods", "lora,fast-budget,fast-refresh,fast-budget0.4,fast-warmup",
+                                       "--fast-budgets", "0.1,0.2", "--fast-refresh", "4", "--fast-warmups", "0,3"])
     assert acc.study_methods(a, acc.build_parser()) == ["lora", "fast-budget0.1", "fast-budget0.2",
-                                                        "fast-refresh4", "fast-budget0.4"]
+                                                        "fast-refresh4", "fast-budget0.4", "fast-warmup0",
+                                                        "fast-warmup3"]
     for bad, pattern in (("fast-budget1.5", "error budgets in"), ("fast-refresh0", "positive step"),
+                         ("fast-warmup-1", "step counts >= 0"),
                          ("fast-headx", "fractions"), ("celora-fancy", "unknown method")):
         with pytest.raises(SystemExit, match=f"error: .*{pattern}"):
             acc.check_method(bad)
@@ -755,7 +758,8 @@ def test_long_context_smoke(assets, tmp_path):
     out = tmp_path / "long.json"
     configs = ["celora-chunked+ckpt"]  # one: every run is a trainer start (seconds of CI each)
     cmd = [sys.executable, str(ROOT / "bench" / "long_context.py"), "--smoke", "--model", str(assets["model"]),
-           "--configs", ",".join(configs), "--workdir", str(tmp_path / "runs"), "--json", str(out)]
+           "--configs", ",".join(configs), "--workdir", str(tmp_path / "runs"), "--json", str(out),
+           "--dist-timeout", "900"]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.run(["timeout", "-k", "10", "300", *cmd], cwd=ROOT, env=env, capture_output=True, text=True)
@@ -769,6 +773,8 @@ def test_long_context_smoke(assets, tmp_path):
         assert fit["config"] == config and fit["measured_T"] == "64,128"
         assert fit["kb_per_token"] == pytest.approx((b["peak_mb"] - a["peak_mb"]) / 64 * 1024)
     assert "| config | T | peak_mb |" in proc.stdout
+    flags = json.loads((tmp_path / "runs" / f"{configs[0]}_64" / "bench_flags.json").read_text())
+    assert flags[flags.index("--dist-timeout") + 1] == "900"  # the trainer's watchdog, passed through
 
     bench = _load(ROOT / "bench" / "long_context.py")
     rows = {r["config"]: r for r in bench.predict("llama-3-8b", gpus=8, gpu_gb=80, peak_tflops=989, mfu=0.4)}

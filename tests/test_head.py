@@ -228,11 +228,11 @@ def test_head_keep_validation():
 def test_column_statistics_blocked_cpu_pass_equals_the_plain_reductions():
     """The CPU pass (three reductions per cache-sized row block) equals the one accelerators run:
     gradient_scores, G.sum(0), G.amin(0) < 0 -- over several blocks and a ragged last one."""
-    from celora_dist.head import _BLOCK_ELEMS, column_statistics
-    from celora_dist.ops.amm import gradient_scores
+    from celora_dist.head import column_statistics
+    from celora_dist.ops.amm import _SCORE_BLOCK_ELEMS, gradient_scores
 
     V = 40_000
-    T = 2 * (_BLOCK_ELEMS // V) + 3
+    T = 2 * (_SCORE_BLOCK_ELEMS // V) + 3
     G = torch.softmax(torch.randn(T, V, generator=torch.Generator().manual_seed(0)), dim=-1)
     G[torch.arange(T), torch.arange(T) * 7] -= 1.0
     scores, colsum, labels = column_statistics(G, True)

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import re
-import socket
 import subprocess
 import sys
 import warnings
@@ -36,16 +35,10 @@ TIMEOUT_S = 120
 TOL = 1e-5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(tmp_path: Path, ranks: list[dict[str, str]], **common: str) -> list[dict]:
     """Start one worker process per entry of ``ranks`` (its own env additions), wait (hard
     timeout: a hang fails, never blocks the suite), return each rank's JSON report."""
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank, extra in enumerate(ranks):
         env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "CELORA_KERNEL")}

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -40,6 +39,7 @@ from celora_dist.layer import celora_layers
 from celora_dist.selection import topk_indices
 
 from .conftest import decaying_weight, tiny_llama
+from .train_utils import free_port
 
 REPO = str(Path(__file__).resolve().parents[1])
 WORLD = 2
@@ -53,19 +53,13 @@ ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "dow
 
 
 # ----------------------------------------------------------------------------- launch
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(fn, *args, nprocs: int = WORLD) -> None:
     """Run ``fn(rank, port, *args)`` on ``nprocs`` spawned ranks; re-raise failures, kill on timeout."""
     saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "OMP_NUM_THREADS")}
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, saved["PYTHONPATH"]) if p)
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
-        ctx = mp.start_processes(fn, args=(_free_port(), *args), nprocs=nprocs, join=False,
+        ctx = mp.start_processes(fn, args=(free_port(), *args), nprocs=nprocs, join=False,
                                  start_method="spawn")
     finally:
         for k, v in saved.items():

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from celora_dist.train.engine import free_port  # noqa: F401 (the tests' port, the trainer's rule)
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"
 CRASH_AT_SAVE = REPO / "tests" / "crash_at_save.py"  # launch/train.py with a crash in one checkpoint save
@@ -79,14 +81,6 @@ def make_assets(root: Path) -> dict[str, Path]:
 # Small CE-LoRA shapes for the tiny model (v_proj has 32 outputs: r0 must stay below that).
 TINY_FLAGS = ["--r", "4", "--alpha", "8", "--r0", "4", "--seq-len", "64", "--lr", "3e-3",
               "--lr-schedule", "constant", "--max-grad-norm", "0", "--mc-format", "letter"]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env() -> dict[str, str]:

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vocab-sparse LM head: drop the tail correction (the dropped rows' weighted mean added "
                         "to dH, labels always kept; docs/design.md §5) -- for ablations")
     g.add_argument("--refresh-every", type=int, default=None, help="optimizer steps between index refreshes")
+    g.add_argument("--dense-warmup", type=int, default=None,
+                   help="optimizer steps at the start with the exact dX everywhere (layers and vocab-sparse head), "
+                        "each a refresh step; docs/design.md §1 (config default 0)")
     g.add_argument("--no-sync-indices", action="store_true", help="each DP rank selects indices from its own G")
     g.add_argument("--factor-cache", default=None,
                    help="folder caching the SVD splits of the frozen weights, keyed by the weights' bytes, "
@@ -195,6 +198,7 @@ def celora_config_from_args(args: argparse.Namespace) -> CELoRAConfig:
     if args.celora_config:
         base.update(load_mapping(args.celora_config, "--celora-config"))
     for flag, key in (("r", "r"), ("alpha", "alpha"), ("r0", "r0"), ("refresh_every", "refresh_every"),
+                      ("dense_warmup", "dense_warmup"),
                       ("svd", "svd"), ("svd_oversample", "svd_oversample"), ("svd_niter", "svd_niter")):
         if getattr(args, flag) is not None:
             base[key] = getattr(args, flag)
@@ -250,7 +254,7 @@ def check_compile_backend(backend: str) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check the flags; fills ``args.celora`` (CELoRAConfig) and ``args.embedded``."""
     args = build_parser().parse_args(argv)
-    may_be_zero = ("r0", "svd_oversample", "svd_niter", "warmup", "loss_chunk")
+    may_be_zero = ("r0", "svd_oversample", "svd_niter", "warmup", "loss_chunk", "dense_warmup")
     for flag in ("micro_batch", "grad_accum", "max_steps", "seq_len", "r", "refresh_every", "tp", "sequence_parallel",
                  *may_be_zero):
         value = getattr(args, flag)

@@ -163,7 +163,8 @@ def _drop_auto(section: dict[str, Any], prefix: str = "") -> list[str]:
     return dropped
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS picks it): a world's MASTER_PORT."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -183,7 +184,7 @@ def setup_environment() -> None:
         torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_SIZE", "1"))))
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 def init_distributed(timeout_s: float) -> None:
