@@ -248,7 +248,8 @@ def verify(fit_row: dict, tries: int, model_flags: list[str], tokenizer, work: P
             continue
         runs.append(row)
         fit_row.update(longest_T=tokens, tokens_per_s_there=row["tokens_per_s"],
-                       verified=f"yes: {row['peak_mb'] * ranks(config):.0f} MB"
+                       verified=f"yes: {row['peak_mb']:.0f} MB"  # rank 0's peak (not x ranks: peaks differ in time)
+                                + (f" on rank 0 of {ranks(config)}" if ranks(config) > 1 else "")
                                 + (f"; killed at {', '.join(f'{t:,}' for t in killed)}" if killed else ""))
         return
     fit_row.update(verified=f"killed at {', '.join(f'{t:,}' for t in killed)}", tokens_per_s_there=math.nan)
