@@ -27,6 +27,8 @@ import torch
 from celora_dist.kernels import KernelFallbackWarning, choice, dispatch, fallback
 from celora_dist.ops import amm
 
+from .train_utils import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "kernel_fault_worker.py"
 TIMEOUT_S = 120
