@@ -86,6 +86,8 @@ import _mc_tasks  # noqa: E402
 from _common import markdown_table  # noqa: E402  (puts the checkout on sys.path too)
 from _trainer_runs import ROOT, run_trainer  # noqa: E402
 
+from celora_dist.config import is_error_budget, is_fraction, is_step_count  # noqa: E402 (the library's rules)
+
 SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALL_AUTO = ",".join(f"{name}=auto" for name in SEVEN)
 FAST = ["--method", "celora", "--preset", "fast"]
@@ -147,11 +149,11 @@ def run_flags(task_flags: list[str], common: list[str], method: list[str], seed:
 
 # a family's values: (type, check, what the check demands)
 _VALUES = {
-    "celora-head": (float, lambda v: 0.0 < v <= 1.0, "fractions in (0, 1]"),
-    "fast-head": (float, lambda v: 0.0 < v <= 1.0, "fractions in (0, 1]"),
-    "fast-budget": (float, lambda v: 0.0 <= v < 1.0, "error budgets in [0, 1)"),
+    "celora-head": (float, is_fraction, "fractions in (0, 1]"),
+    "fast-head": (float, is_fraction, "fractions in (0, 1]"),
+    "fast-budget": (float, is_error_budget, "error budgets in [0, 1)"),
     "fast-refresh": (int, lambda v: v >= 1, "positive step counts"),
-    "fast-warmup": (int, lambda v: v >= 0, "step counts >= 0"),
+    "fast-warmup": (int, is_step_count, "step counts >= 0"),
 }
 
 

@@ -47,6 +47,7 @@ from .scheduled import ScheduledModule, graph_boundary
 from .selection import RelErrorMeter, topk_indices
 from .zero import gathered
 
+
 def column_statistics(G: Tensor, tail_correction: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(‖G[:, v]‖², Σ_t G[t, v], any G[t, v] < 0) over a (T, V) logit gradient, in fp32 / bool.
 
