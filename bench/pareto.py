@@ -17,6 +17,7 @@ Methods (named as ``bench/accuracy.py`` names its runs, so the two join):
     celora-head<H>          released + vocab-sparse LM head keeping H of the vocabulary
     celora-all<B>           all seven projections keep="auto" under error budget B
     celora-all<B>-head<H>   that + the vocab-sparse head
+    preset-<name>           celora_dist.preset(name) as it is today (preset-released, preset-fast)
 
 The accuracy runs (``bench/accuracy.py --methods lora,celora,celora-head,celora-all
 --all-budgets B,.. --head-keep H``) give accuracy, its paired delta to LoRA and the dX error
@@ -43,7 +44,7 @@ from _common import iqr, machine_line, markdown_table  # noqa: E402
 from accuracy import SEVEN  # noqa: E402
 from end_to_end import Runner  # noqa: E402
 
-from celora_dist import CELoRAConfig, inject_celora, telemetry  # noqa: E402
+from celora_dist import CELoRAConfig, inject_celora, preset, telemetry  # noqa: E402
 
 TIMING_COLUMNS = ["tokens", "method", "step_ms", "step_iqr_ms", "speedup", "beyond_iqr", "mean_keep", "approx_share"]
 COLUMNS = [*TIMING_COLUMNS, "accuracy", "delta_vs_lora", "delta_std", "layer_err", "head_err"]  # + join_accuracy
@@ -58,6 +59,8 @@ def method_config(method: str) -> CELoRAConfig | None:
         return None
     if method == "celora":
         return CELoRAConfig()
+    if method.startswith("preset-"):  # timed as a user gets it: follows any change to presets.py
+        return preset(method[len("preset-"):])
     if method.startswith("celora-head"):
         return CELoRAConfig(head_keep=float(method[len("celora-head"):]))
     if method.startswith("celora-all"):

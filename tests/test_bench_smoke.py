@@ -137,6 +137,11 @@ def test_pareto_methods_and_accuracy_join(tmp_path):
     assert flags[flags.index("--keep") + 1] == accuracy.ALL_AUTO and flags[-2:] == ["--head-keep", "0.1"]
     assert flags[flags.index("--error-budget") + 1] == "0.3"
     assert pareto.method_config("lora") is None
+    from celora_dist.presets import PRESETS, preset
+    for name in PRESETS:  # a preset is timed as presets.py defines it today
+        assert pareto.method_config(f"preset-{name}") == preset(name)
+    with pytest.raises(ValueError, match="unknown CE-LoRA preset"):
+        pareto.method_config("preset-turbo")
     with pytest.raises(ValueError):
         pareto.method_config("celora-fancy")
 
@@ -297,7 +302,10 @@ def test_accuracy_study_methods_build_their_configs():
     assert acc.run_flags([], common, acc.method_flags("lora", 0.3), 0)[:6] == common  # nothing to replace
     a = acc.build_parser().parse_args([])
     assert acc.study_methods(a, acc.build_parser()) == list(acc.STUDY_METHODS)
-    assert a.steps == 36 and a.micro_batch == 4 and a.eval_samples == 300 and a.seeds == 3
+    assert (a.steps, a.micro_batch, a.lr, a.eval_samples, a.seeds) == (60, 8, 1e-3, 300, 3)  # the suite's budget
+    r14 = cfg("lora-r14")  # LoRA at CE-LoRA's rank: the released config with every layer exact
+    assert r14.r == CELoRAConfig().r == 14 and r14.keep == {}
+    assert sorted(r14.exact) == sorted(set(CELoRAConfig().exact) | set(CELoRAConfig().keep))
     assert a.tasks.split(",") == ["piqa", "boolq", "siqa", "obqa", "csqa", "logiqa", "narrative"]
     a = acc.build_parser().parse_args(["--methods", "lora,fast-budget,fast-refresh,fast-budget0.4,fast-warmup",
                                        "--fast-budgets", "0.1,0.2", "--fast-refresh", "4", "--fast-warmups", "0,3"])
