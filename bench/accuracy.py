@@ -66,8 +66,10 @@ questions: 1.6 epochs).
 
 Reports, per task, accuracy mean ± std over seeds and the difference to LoRA (paired by
 seed: the same seed means the same data order), the held-out answer loss, the dX errors
-the runs measured, and two floors: zero-shot and ``majority`` (always the most frequent
-gold answer; a fine-tune at that rate has learnt the prior, not the task); then the task x
+the runs measured (``layer_err`` over the approximate layers, ``trained_err`` over those the
+backend choice ran approximated, ``approx_share`` of them), and two floors: zero-shot and
+``majority`` (always the most frequent gold answer; a fine-tune at that rate has learnt the
+prior, not the task); then the task x
 method table of paired deltas, and the share of LoRA's gain each method keeps: gain = LoRA
 - zero-shot, share = (method - zero-shot) / (LoRA - zero-shot) on the means over seeds,
 with the worst and median share over the deciding tasks (LoRA gains >= ``--deciding-gain``,
@@ -107,7 +109,7 @@ STUDY_METHODS = ("lora", "preset-released", "preset-fast", "fast-nohead")
 TASKS = ("piqa", "boolq", *_mc_tasks.TASKS)
 FLOORS = ("zero-shot", "majority")
 COLUMNS = ["task", "method", "accuracy", "std", "delta_vs_lora", "delta_std", "seeds", "final_loss",
-           "eval_loss", "train_s", "layer_err", "head_err", "mean_keep"]
+           "eval_loss", "train_s", "layer_err", "trained_err", "approx_share", "head_err", "mean_keep"]
 
 
 def method_flags(method: str, error_budget: float, svd: tuple[int, int] = (16, 4)) -> list[str]:
@@ -242,23 +244,42 @@ def task_flags(task: str, args, workdir: Path) -> list[str]:
     return ["--model", model, "--data", str(train), "--eval-data", str(held)]
 
 
+def run_telemetry(records: list[dict]) -> dict[str, float]:
+    """What a run's metrics.jsonl measured: the last steps' loss, the dX errors, the keeps, and
+    which approximate layers really ran their approximation (the measured backend choice may run
+    them exact, docs/design.md §3: their measured error then never reached training)."""
+    steps = [r for r in records if "eval" not in r]
+    errors: dict[str, list[float]] = {}
+    backend: dict[str, str] = {}
+    for r in steps:
+        for name, e in r.get("grad_rel_error", {}).items():
+            if "lm_head" not in name:
+                errors.setdefault(name, []).append(e)
+        backend.update(r.get("dx_backend", {}))  # a layer's last choice is the one it ran with
+    # a layer with no recorded choice ran the approximation (CELORA_KERNEL forced its backend)
+    approximated = [name for name in errors if backend.get(name) != "exact"]
+    trained = [e for name in approximated for e in errors[name]]
+    head = [r["head_rel_error"] for r in steps if "head_rel_error" in r]
+    keeps = [r["chosen_keep"] for r in steps if "chosen_keep" in r]
+    mean = lambda v: statistics.mean(v) if v else math.nan  # noqa: E731
+    return dict(
+        final_loss=statistics.mean(r["loss"] for r in steps[-5:]),
+        layer_err=mean([e for v in errors.values() for e in v]),
+        # the error of the layers that ran approximated, and their share of the measured layers
+        trained_err=mean(trained),
+        approx_share=len(approximated) / len(errors) if errors else math.nan,
+        head_err=mean(head),
+        # mean over adaptive layers of the keep chosen on the last refresh step
+        mean_keep=mean(list(keeps[-1].values())) if keeps else math.nan,
+    )
+
+
 def run_one(flags: list[str], out: Path, log, in_process: bool = False) -> dict:
     """One fine-tune (its own process, or in this one); summary.json plus what metrics.jsonl measured."""
     t = time.perf_counter()
     records = run_trainer(flags, out, log, in_process)
     summary = json.loads((out / "summary.json").read_text())
-    steps = [r for r in records if "eval" not in r]
-    layer = [e for r in steps for name, e in r.get("grad_rel_error", {}).items() if "lm_head" not in name]
-    head = [r["head_rel_error"] for r in steps if "head_rel_error" in r]
-    keeps = [r["chosen_keep"] for r in steps if "chosen_keep" in r]
-    summary.update(
-        wall_s=time.perf_counter() - t,
-        final_loss=statistics.mean(r["loss"] for r in steps[-5:]),
-        layer_err=statistics.mean(layer) if layer else math.nan,
-        head_err=statistics.mean(head) if head else math.nan,
-        # mean over adaptive layers of the keep chosen on the last refresh step
-        mean_keep=statistics.mean(keeps[-1].values()) if keeps else math.nan,
-    )
+    summary.update(wall_s=time.perf_counter() - t, **run_telemetry(records))
     log(f"  accuracy {summary['accuracy']:.4f} | loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}"
         f" | {summary['train_time_s']:.0f} s training, {summary['wall_s']:.0f} s total")
     return summary
@@ -298,7 +319,8 @@ def _floor_row(task: str, name: str, accuracy: float) -> dict:
     """A row for an untrained reference (zero-shot, majority answer): accuracy only."""
     return {"task": task, "method": name, "accuracy": accuracy, "std": math.nan, "delta_vs_lora": math.nan,
             "delta_std": math.nan, "seeds": 1, "final_loss": math.nan, "eval_loss": math.nan, "train_s": 0.0,
-            "layer_err": math.nan, "head_err": math.nan, "mean_keep": math.nan}
+            "layer_err": math.nan, "trained_err": math.nan, "approx_share": math.nan, "head_err": math.nan,
+            "mean_keep": math.nan}
 
 
 def aggregate(task: str, results: dict[str, list[dict]], zero_shot: float | None) -> list[dict]:
@@ -325,6 +347,8 @@ def aggregate(task: str, results: dict[str, list[dict]], zero_shot: float | None
             "eval_loss": statistics.mean(r["eval_loss"] for r in runs),
             "train_s": statistics.mean(r["train_time_s"] for r in runs),
             "layer_err": statistics.mean(r["layer_err"] for r in runs),
+            "trained_err": statistics.mean(r.get("trained_err", math.nan) for r in runs),
+            "approx_share": statistics.mean(r.get("approx_share", math.nan) for r in runs),
             "head_err": statistics.mean(r["head_err"] for r in runs),
             "mean_keep": statistics.mean(r["mean_keep"] for r in runs),
         })
@@ -337,7 +361,8 @@ def aggregate(task: str, results: dict[str, list[dict]], zero_shot: float | None
 
 FORMATS = {"accuracy": "{:.4f}", "std": "{:.4f}", "delta_vs_lora": "{:+.4f}", "delta_std": "{:.4f}",
            "seeds": "{}", "final_loss": "{:.3f}", "eval_loss": "{:.3f}", "train_s": "{:.1f}",
-           "layer_err": "{:.3f}", "head_err": "{:.3f}", "mean_keep": "{:.3f}"}
+           "layer_err": "{:.3f}", "trained_err": "{:.3f}", "approx_share": "{:.2f}", "head_err": "{:.3f}",
+           "mean_keep": "{:.3f}"}
 
 
 def gain_shares(rows: list[dict], deciding_gain: float = 0.03) -> tuple[list[dict], list[dict]]:
@@ -504,6 +529,10 @@ def run_task(task: str, methods: list[str], a: argparse.Namespace, common: list[
             flags = run_flags(tflags, common, method_flags(method, a.error_budget, (a.svd_oversample, a.svd_niter)),
                               seed)
             summary = _reuse(done, method, seed, flags, runs_file)
+            metrics = root / task / f"{method}-seed{seed}" / "metrics.jsonl"
+            if summary is not None and "approx_share" not in summary and metrics.is_file():
+                # a run recorded before approx_share was: measured again from its metrics.jsonl
+                summary = {**summary, **run_telemetry([json.loads(x) for x in metrics.read_text().splitlines()])}
             if summary is None:
                 summary = run_one(flags + ["--zero-shot" if first else "--no-zero-shot"],
                                   root / task / f"{method}-seed{seed}", log, a.in_process)

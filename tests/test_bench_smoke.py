@@ -273,6 +273,27 @@ def test_accuracy_gain_shares():
     assert "| m | 58.0 (-2.0 ± 1.1) |" in delta
 
 
+def test_accuracy_run_telemetry():
+    """A run's dX errors: layer_err over every approximate layer's measurements, trained_err only
+    over the layers that ran the approximation (last choice not exact, or no choice: a forced
+    backend), approx_share their share of the approximate layers."""
+    acc = _accuracy()
+    records = [
+        {"step": 0, "loss": 3.0, "grad_rel_error": {"a": 0.2, "b": 0.6, "c": 0.1, "lm_head": 0.9},
+         "chosen_keep": {"a": 0.5}},
+        {"step": 1, "loss": 2.0, "dx_backend": {"a": "torch", "b": "torch"}},  # c: forced, never measured
+        {"step": 2, "loss": 1.0, "dx_backend": {"b": "exact"}, "grad_rel_error": {"a": 0.4, "b": 0.8, "c": 0.3},
+         "head_rel_error": 0.01, "chosen_keep": {"a": 0.25}},
+        {"step": 2, "eval": True, "loss": 9.0},  # an evaluation record: not a training step
+    ]
+    t = acc.run_telemetry(records)
+    assert t["layer_err"] == pytest.approx((0.2 + 0.6 + 0.1 + 0.4 + 0.8 + 0.3) / 6)  # the head's own apart
+    assert t["trained_err"] == pytest.approx((0.2 + 0.4 + 0.1 + 0.3) / 4) and t["approx_share"] == pytest.approx(2 / 3)
+    assert t["head_err"] == 0.01 and t["mean_keep"] == 0.25 and t["final_loss"] == pytest.approx(2.0)
+    lora = acc.run_telemetry([{"step": 0, "loss": 1.0}])
+    assert math.isnan(lora["trained_err"]) and math.isnan(lora["approx_share"])
+
+
 def test_accuracy_study_methods_build_their_configs():
     """The study's method names through the trainer's own parser give the configs they stand for:
     the presets as celora_dist/presets.py defines them, and each ablation changing one field of

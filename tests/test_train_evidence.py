@@ -124,7 +124,7 @@ def test_accuracy_bench_smoke(assets, tmp_path):
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]]
     assert header == ["task", "method", "accuracy", "std", "delta_vs_lora", "delta_std", "seeds", "final_loss",
-                      "eval_loss", "train_s", "layer_err", "head_err", "mean_keep"]
+                      "eval_loss", "train_s", "layer_err", "trained_err", "approx_share", "head_err", "mean_keep"]
     assert [r["method"] for r in rows] == ["zero-shot", "majority", "lora", "celora", "celora-auto",
                                           "celora-head0.2", "celora-head0.5"]
     for r in rows:
@@ -148,6 +148,8 @@ def test_accuracy_bench_smoke(assets, tmp_path):
     assert "only now: ['0.7']" in other.stderr, show(other)
     assert by["lora"]["layer_err"] == "-" and by["lora"]["head_err"] == "-"  # everything exact
     assert 0.0 < float(by["celora"]["layer_err"]) < 1.5
+    # the suite pins CELORA_KERNEL=torch: every approximate layer ran approximated
+    assert float(by["celora"]["approx_share"]) == 1.0 and by["celora"]["trained_err"] == by["celora"]["layer_err"]
     # fewer vocabulary rows kept, larger head error (same seeds, same data)
     assert 0.0 < float(by["celora-head0.5"]["head_err"]) < float(by["celora-head0.2"]["head_err"]) < 1.0
     assert 0.0 < float(by["celora-auto"]["mean_keep"]) <= 1.0
