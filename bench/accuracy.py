@@ -47,6 +47,12 @@ Methods:
   ``fast-nocorrection``
   (``--no-head-tail-correction``: the vocab-sparse head's plain top-k, docs/design.md §5).
 
+The dX backend (``--kernel``, the runs' CELORA_KERNEL): ``torch`` (default) runs every
+approximate layer approximated, so a method's accuracy is that of its approximation wherever
+it pays (a GPU); under ``auto`` each layer times exact vs approximate dX on its machine and
+keeps the faster (docs/design.md §3), and on a 2-core CPU the fast preset then ran only
+25-43 % of its approximate layers approximated (``approx_share``), measuring mostly LoRA.
+
 Tasks (``--tasks``; bench/_mc_tasks.py has the split rule and why each file):
 
 - ``piqa``: the trainer's embedded split, 1,200 train / 300 held out;
@@ -82,6 +88,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import statistics
 import sys
@@ -292,11 +299,14 @@ def _finished_runs(path: Path) -> dict[tuple[str, int], dict]:
     return {(r["method"], r["seed"]): r for r in runs}
 
 
-def _reuse(done: dict[tuple[str, int], dict], method: str, seed: int, flags: list[str], where: Path) -> dict | None:
+def _reuse(done: dict[tuple[str, int], dict], method: str, seed: int, flags: list[str], where: Path,
+           kernel: str = "auto") -> dict | None:
     """The finished run of (method, seed), if any; refused when it ran with other settings.
 
     Runs are keyed by method and seed, so a second study with, say, another
-    --error-budget or --steps in the same --out would silently mix the two.
+    --error-budget or --steps in the same --out would silently mix the two. ``kernel``
+    (CELORA_KERNEL) counts as a setting for every run with approximate layers; a run
+    recorded without one ran under the default, auto.
     """
     summary = done.get((method, seed))
     if summary is None or "flags" not in summary:  # no run, or one recorded before flags were
@@ -306,6 +316,10 @@ def _reuse(done: dict[tuple[str, int], dict], method: str, seed: int, flags: lis
         raise SystemExit(f"error: {where} already holds {method} seed {seed} run with other settings "
                          f"(only there: {sorted(old - new)}; only now: {sorted(new - old)}); "
                          "use another --out or the same flags")
+    ran = summary.get("kernel", "auto")
+    if ran != kernel and summary.get("trainer_method") != "lora":  # plain LoRA has no dX backend to choose
+        raise SystemExit(f"error: {where} already holds {method} seed {seed} run with --kernel {ran}, not "
+                         f"{kernel}; use another --out or the same --kernel")
     return summary
 
 
@@ -485,6 +499,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "its 600 s progress watchdog")
     p.add_argument("--svd-oversample", type=int, default=16, help="celora-rsvd: oversampling columns")
     p.add_argument("--svd-niter", type=int, default=4, help="celora-rsvd: power iterations")
+    p.add_argument("--kernel", choices=("torch", "auto"), default="torch",
+                   help="CELORA_KERNEL of the runs: torch runs every approximate layer approximated (the "
+                        "accuracy where the approximation pays everywhere, as on a GPU); auto lets each layer "
+                        "choose by timing, and on a 2-core CPU it ran 25-70%% of them approximated")
     p.add_argument("--mc-format", choices=("text", "letter"), default="text")
     p.add_argument("--model", default=None,
                    help="HF model folder instead of the embedded SmolLM2: on the --tasks, or on --data")
@@ -528,7 +546,7 @@ def run_task(task: str, methods: list[str], a: argparse.Namespace, common: list[
             first = seed == 0 and method == methods[0]
             flags = run_flags(tflags, common, method_flags(method, a.error_budget, (a.svd_oversample, a.svd_niter)),
                               seed)
-            summary = _reuse(done, method, seed, flags, runs_file)
+            summary = _reuse(done, method, seed, flags, runs_file, a.kernel)
             metrics = root / task / f"{method}-seed{seed}" / "metrics.jsonl"
             if summary is not None and "approx_share" not in summary and metrics.is_file():
                 # a run recorded before approx_share was: measured again from its metrics.jsonl
@@ -540,7 +558,8 @@ def run_task(task: str, methods: list[str], a: argparse.Namespace, common: list[
                 with open(runs_file, "a") as f:
                     # the study's method name wins over the trainer's ("celora" for every CE-LoRA variant)
                     f.write(json.dumps({**summary, "trainer_method": summary.get("method"),
-                                        "method": method, "seed": seed, "flags": flags}) + "\n")
+                                        "method": method, "seed": seed, "flags": flags,
+                                        "kernel": a.kernel}) + "\n")
             if first:
                 zero_shot = summary.get("zero_shot_accuracy")
             results[method].append(summary)
@@ -583,18 +602,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
               "--mc-format", a.mc_format, "--deepspeed_config", str(ROOT / "ds_configs" / "zero2.json")]
     if a.dist_timeout is not None:
         common += ["--dist-timeout", str(a.dist_timeout)]
+    kernel_before = os.environ.get("CELORA_KERNEL")
+    os.environ["CELORA_KERNEL"] = a.kernel  # the runs' environment (bench/_trainer_runs.run_env copies it)
     started = time.perf_counter()
     rows = []
     try:
         for task in tasks:
             rows += run_task(task, methods, a, common, root, log)
     finally:
+        if kernel_before is None:  # in-process runs share this environment: leave it as it was
+            os.environ.pop("CELORA_KERNEL")
+        else:
+            os.environ["CELORA_KERNEL"] = kernel_before
         if tmp is not None:
             tmp.cleanup()
     task_rows, share_rows = gain_shares(rows, a.deciding_gain)
     budget = (f"{a.seeds} seed(s) x {a.steps} steps x micro-batch {a.micro_batch}, seq-len {a.seq_len}, lr {a.lr:g}, "
               f"up to {a.eval_samples} held-out questions per task; refresh every {a.refresh_every}; "
-              f"celora-auto budget {a.error_budget}; head keep {a.head_keep}")
+              f"celora-auto budget {a.error_budget}; head keep {a.head_keep}; CELORA_KERNEL={a.kernel}")
     text = "\n\n".join([
         markdown_table(rows, COLUMNS, FORMATS),
         "Accuracy in points (paired delta to LoRA ± its std over seeds); (nd): LoRA gains under "

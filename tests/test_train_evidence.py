@@ -146,6 +146,11 @@ def test_accuracy_bench_smoke(assets, tmp_path):
     assert other.returncode != 0 and "$ " not in other.stderr, show(other)
     assert "celora-auto seed 0 run with other settings" in other.stderr, show(other)
     assert "only now: ['0.7']" in other.stderr, show(other)
+    # so is another dX backend, for the runs that have one (LoRA's are reused: it has none)
+    auto = subprocess.run(cmd + ["--kernel", "auto"], cwd=REPO, env=env(), capture_output=True, text=True,
+                          timeout=600)
+    assert auto.returncode != 0 and "$ " not in auto.stderr, show(auto)
+    assert "celora seed 0 run with --kernel torch, not auto" in auto.stderr, show(auto)
     assert by["lora"]["layer_err"] == "-" and by["lora"]["head_err"] == "-"  # everything exact
     assert 0.0 < float(by["celora"]["layer_err"]) < 1.5
     # the suite pins CELORA_KERNEL=torch: every approximate layer ran approximated
