@@ -3,12 +3,17 @@ path (full logits, then ``ForCausalLMLoss``) on the same model: loss, LoRA gradi
 head's indices, dH and error telemetry, ignore_index, num_items_in_batch, mixed precision, and that no
 (T, V) tensor is ever allocated.
 
-Tolerances: fp32 rtol 1e-5 (the chunked path sums the loss and the column scores in another order);
-bf16 rtol 2e-2 on gradients (one bf16 rounding of G and dH, as HF's path has)."""
+Tolerances: fp32 rtol 1e-5 per tensor and per element (the chunked path sums the loss and the column
+scores in another order); bf16 2e-2 per tensor in relative norm, and no farther from the fp32 gradients
+than HF's own bf16 path (one bf16 rounding of G and dH, as HF's path has).
+
+The test data are the same in every process: LoRA B is drawn from a seed of the parameter's name by
+CRC-32 (Python's str hash changes with PYTHONHASHSEED, which made this file pass or fail by chance)."""
 from __future__ import annotations
 
 import copy
 import inspect
+import zlib
 
 import pytest
 import torch
@@ -40,11 +45,11 @@ def batch(seed: int = 1, vocab: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def trained_like(model):
-    """LoRA B nonzero, so every LoRA parameter gets a nonzero gradient."""
+    """LoRA B nonzero, so every LoRA parameter gets a nonzero gradient; the same draw in every process."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(hash(name) % 2**31))
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(zlib.crc32(name.encode())))
     return model.train()
 
 
@@ -78,10 +83,20 @@ def step_both(ref, chunked) -> None:
             twins[name].set_selected(layer.selected)
 
 
-def assert_same_grads(got, want, rtol=1e-5, atol=1e-7):
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def assert_same_grads(got, want, rtol=1e-5, elementwise=True):
+    """Per tensor ‖got − want‖ ≤ rtol ‖want‖; elementwise (fp32) also |got − want| ≤ rtol (|want| + max |want|):
+    a reordered sum errs by the size of its terms, not of its result, so an element that cancels to ~0 is
+    off by ~eps x its terms (measured: 1.5e-7 on an element of 3e-3 in a 0.25-max tensor, rel norm 6.5e-7)."""
     assert got.keys() == want.keys() and want
     for name in want:
-        torch.testing.assert_close(got[name].float(), want[name].float(), rtol=rtol, atol=atol, msg=name)
+        a, b = got[name].float(), want[name].float()
+        assert relative_error(a, b) <= rtol, (name, relative_error(a, b))
+        if elementwise:
+            torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * b.abs().max().item(), msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("method,head_keep", [("lora", None), ("celora", None), ("celora", 1.0)])
@@ -233,21 +248,26 @@ def test_gemma2_softcapped_logits():
 @pytest.mark.parametrize("head_keep", [None, 0.2])
 def test_bf16_autocast_and_bf16_weights(head_keep):
     """Under CPU autocast (fp32 master weights) and with bf16 weights (the trainer's --dtype bf16): bf16
-    logits, fp32 loss, as HF's path; loss within bf16 rounding, gradients within 2e-2."""
+    logits, fp32 loss, as HF's path; loss within bf16 rounding. Gradients per tensor: within 2e-2 of HF's
+    path in relative norm (bf16's eps is 7.8e-3; the two round G and dH once each, in other chunk shapes:
+    measured up to 5.6e-3), and no farther from the fp32 model's gradients than HF's own bf16 path is
+    (x 1.25 + 2e-3; measured ratios 0.99-1.13 at errors of 1-4 %). Elementwise bf16 bounds do not hold
+    for either path: an element near 0 differs by 100 % between the two."""
     ref, chunked = twins(head_keep)
     ids, labels = batch()
-    out_ref, g_ref = loss_and_grads(ref, ids, labels, autocast=True)
-    out, g = loss_and_grads(chunked, ids, labels, autocast=True)
-    assert out.loss.dtype == out_ref.loss.dtype == torch.float32
-    torch.testing.assert_close(out.loss, out_ref.loss, rtol=4e-3, atol=0)
-    assert_same_grads(g, g_ref, rtol=2e-2, atol=1e-4)
-    ref, chunked = ref.to(torch.bfloat16), chunked.to(torch.bfloat16)
-    out_ref, g_ref = loss_and_grads(ref, ids, labels)
-    out, g = loss_and_grads(chunked, ids, labels)
-    assert out.loss.dtype == out_ref.loss.dtype == torch.float32
-    assert all(t.dtype == torch.bfloat16 for t in g.values())
-    torch.testing.assert_close(out.loss, out_ref.loss, rtol=4e-3, atol=0)
-    assert_same_grads(g, g_ref, rtol=2e-2, atol=1e-4)
+    _, g_fp32 = loss_and_grads(ref, ids, labels)
+    for cast in ("autocast", "weights"):
+        if cast == "weights":
+            ref, chunked = ref.to(torch.bfloat16), chunked.to(torch.bfloat16)
+        out_ref, g_ref = loss_and_grads(ref, ids, labels, autocast=cast == "autocast")
+        out, g = loss_and_grads(chunked, ids, labels, autocast=cast == "autocast")
+        assert out.loss.dtype == out_ref.loss.dtype == torch.float32
+        assert all(t.dtype == (torch.bfloat16 if cast == "weights" else torch.float32) for t in g.values())
+        torch.testing.assert_close(out.loss, out_ref.loss, rtol=4e-3, atol=0)
+        assert_same_grads(g, g_ref, rtol=2e-2, elementwise=False)
+        for name in g_ref:
+            hf_error = relative_error(g_ref[name], g_fp32[name])
+            assert relative_error(g[name], g_fp32[name]) <= 1.25 * hf_error + 2e-3, (cast, name, hf_error)
 
 
 def _largest_allocation(model, ids, labels) -> int:
@@ -284,7 +304,8 @@ def test_other_calls_keep_the_original_forward_and_disable_restores_it():
     with torch.no_grad():
         want = ref(input_ids=ids).logits
         assert torch.equal(chunked(input_ids=ids).logits, want)  # no labels
-        assert torch.equal(chunked(input_ids=ids, logits_to_keep=3).logits, want[:, -3:])
+        # the original forward on the same call (a GEMM of 3 rows need not equal 3 rows of a 12-row one)
+        assert torch.equal(chunked(input_ids=ids, logits_to_keep=3).logits, ref(input_ids=ids, logits_to_keep=3).logits)
         chunked.eval()
         evaluated = chunked(input_ids=ids, labels=labels)  # eval mode: logits for the caller's metrics
         assert torch.equal(evaluated.logits, want)
