@@ -385,10 +385,14 @@ def gain_shares(rows: list[dict], deciding_gain: float = 0.03) -> tuple[list[dic
     Per task: zero-shot, LoRA (means over seeds), gain = LoRA - zero-shot, and whether the task
     decides (gain >= ``deciding_gain``; 1e-9 of slack so that 9 of 300 questions is 3 points).
     Per method (LoRA and the floors aside): share = (method - zero-shot) / gain on each task
-    (NaN where LoRA or zero-shot is missing or the gain is 0), and the worst (min) and median
-    share over the deciding tasks (NaN when none decides).
+    (NaN where LoRA or zero-shot is missing or the gain is 0), its standard error from the
+    paired deltas, std / sqrt(seeds) / gain (the gain's own seed noise left out: it moves a share
+    near 1 by a fraction of that), and the worst (min) and median share over the deciding tasks
+    (NaN when none decides).
     """
     by = {(r["task"], r["method"]): r["accuracy"] for r in rows}
+    paired = {(r["task"], r["method"]): r.get("delta_std", math.nan) / math.sqrt(r.get("seeds") or math.nan)
+              for r in rows}
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     task_rows = []
     for task in tasks:
@@ -399,12 +403,13 @@ def gain_shares(rows: list[dict], deciding_gain: float = 0.03) -> tuple[list[dic
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] not in ("lora", *FLOORS)))
     share_rows = []
     for method in methods:
-        shares = {}
+        shares, errors = {}, {}
         for t in task_rows:
             acc = by.get((t["task"], method), math.nan)
             shares[t["task"]] = (acc - t["zero_shot"]) / t["gain"] if t["gain"] else math.nan
+            errors[t["task"]] = paired.get((t["task"], method), math.nan) / t["gain"] if t["gain"] else math.nan
         deciding = [shares[t["task"]] for t in task_rows if t["deciding"] and not math.isnan(shares[t["task"]])]
-        share_rows.append({"method": method, "shares": shares,
+        share_rows.append({"method": method, "shares": shares, "share_se": errors,
                            "worst": min(deciding) if deciding else math.nan,
                            "median": statistics.median(deciding) if deciding else math.nan,
                            "deciding_tasks": len(deciding)})
@@ -442,14 +447,19 @@ def delta_table(rows: list[dict], task_rows: list[dict]) -> str:
 
 
 def share_table(task_rows: list[dict], share_rows: list[dict]) -> str:
-    """Method x task: share of LoRA's gain kept, then worst and median over the deciding tasks;
-    the first lines give each task's zero-shot, LoRA and gain in points."""
+    """Method x task: share of LoRA's gain kept (± its standard error where seeds give one), then
+    worst and median over the deciding tasks; the first lines give each task's zero-shot, LoRA
+    and gain in points."""
     headings = [_task_heading(t) for t in task_rows]
     lines = [{"method": name, **{h: _points(t[key]) for h, t in zip(headings, task_rows)}, "worst": "",
               "median": ""} for name, key in (("zero-shot", "zero_shot"), ("lora", "lora"), ("gain", "gain"))]
     pct = lambda v: "-" if math.isnan(v) else f"{v:.0%}"  # noqa: E731
+    def cell(r: dict, task: str) -> str:
+        se = r.get("share_se", {}).get(task, math.nan)
+        return pct(r["shares"][task]) + ("" if math.isnan(se) else f" ± {se:.0%}")
+
     for r in share_rows:
-        lines.append({"method": r["method"], **{h: pct(r["shares"][t["task"]]) for h, t in zip(headings, task_rows)},
+        lines.append({"method": r["method"], **{h: cell(r, t["task"]) for h, t in zip(headings, task_rows)},
                       "worst": pct(r["worst"]), "median": pct(r["median"])})
     return markdown_table(lines, ["method", *headings, "worst", "median"], {})
 

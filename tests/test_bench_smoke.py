@@ -269,6 +269,11 @@ def test_accuracy_gain_shares():
     assert "| method | a | b | c | d (nd) | worst | median |" in text
     assert "| m | 80% | 67% | 25% | -2000% | 25% | 67% |" in text
     assert math.isnan(acc.gain_shares([_agg("a", "lora", 0.6), _agg("a", "m", 0.5)])[1][0]["worst"])  # no zero-shot
+    # the standard error of a share: the paired deltas' std / sqrt(seeds) / gain
+    seeded = {**_agg("a", "m", 0.58, -0.02, 0.03), "seeds": 4}
+    tasks, shares = acc.gain_shares([_agg("a", "zero-shot", 0.50), _agg("a", "lora", 0.60), seeded], 0.03)
+    assert shares[0]["share_se"]["a"] == pytest.approx(0.03 / 2 / 0.10)
+    assert "| m | 80% ± 15% | 80% | 80% |" in acc.share_table(tasks, shares)
     delta = acc.delta_table([_agg("a", "lora", 0.6), _agg("a", "m", 0.58, -0.02, 0.011)], tasks[:1])
     assert "| m | 58.0 (-2.0 ± 1.1) |" in delta
 
