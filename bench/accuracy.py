@@ -4,6 +4,7 @@
     python bench/accuracy.py --tasks piqa --methods lora,celora,celora-auto,celora-head --head-keep 0.05,0.1,0.2
     python bench/accuracy.py --tasks siqa --methods lora,preset-fast,fast-exact-qkg,fast-budget,fast-refresh
     python bench/accuracy.py --model DIR --data train.jsonl --eval-data dev.jsonl --smoke
+    python bench/accuracy.py --tasks csqa,logiqa --out DIR --report         # tables of DIR's finished runs
 
 Every fine-tune goes through ``launch/train.py`` (one process per run, the trainer's own
 code path: DeepSpeed ZeRO-2 on one rank, AdamW, cosine schedule) with the same data,
@@ -81,7 +82,9 @@ method table of paired deltas, and the share of LoRA's gain each method keeps: g
 with the worst and median share over the deciding tasks (LoRA gains >= ``--deciding-gain``,
 3 points; the others are reported, marked ``(nd)``). With ``--out``, the runs are kept there
 (one JSON line per run in TASK/runs.jsonl; finished runs are reused, and refused if they ran
-with other settings) and the tables are saved as study.md and study.json.
+with other settings) and the tables are saved as study.md and study.json; ``--report``
+tabulates the finished runs of an ``--out`` and starts none (a task stopped after some seeds:
+its 600-s runs cannot all finish in one sitting on a 2-core CPU).
 """
 from __future__ import annotations
 
@@ -347,11 +350,11 @@ def aggregate(task: str, results: dict[str, list[dict]], zero_shot: float | None
     if majority:  # the same questions in every run
         floors.append(_floor_row(task, "majority", majority[0]))
     rows = list(floors)
-    lora = results.get("lora")
+    lora = {r["seed"]: r for r in results.get("lora", [])}
     for method, runs in results.items():
         acc, std = _mean_std([r["accuracy"] for r in runs])
-        if lora:
-            delta, dstd = _mean_std([r["accuracy"] - l["accuracy"] for r, l in zip(runs, lora)])
+        if lora:  # paired by seed: a --report of a study stopped part-way may lack some
+            delta, dstd = _mean_std([r["accuracy"] - lora[r["seed"]]["accuracy"] for r in runs if r["seed"] in lora])
         else:
             delta = dstd = math.nan
         rows.append({
@@ -519,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="one task's training file (with --model) instead of --tasks")
     p.add_argument("--eval-data", default=None)
     p.add_argument("--out", default=None, help="run folders and study.md/json (default: a temporary folder, removed)")
+    p.add_argument("--report", action="store_true",
+                   help="tabulate the runs finished in --out and start none (a study stopped part-way; "
+                        "deltas stay paired by seed, methods with no finished run are left out)")
     p.add_argument("--in-process", action="store_true",
                    help="call launch/train.py's main() in this process instead of one process per run "
                         "(faster start; the default keeps runs isolated)")
@@ -561,6 +567,8 @@ def run_task(task: str, methods: list[str], a: argparse.Namespace, common: list[
             if summary is not None and "approx_share" not in summary and metrics.is_file():
                 # a run recorded before approx_share was: measured again from its metrics.jsonl
                 summary = {**summary, **run_telemetry([json.loads(x) for x in metrics.read_text().splitlines()])}
+            if summary is None and a.report:
+                continue  # --report: the finished runs only
             if summary is None:
                 summary = run_one(flags + ["--zero-shot" if first else "--no-zero-shot"],
                                   root / task / f"{method}-seed{seed}", log, a.in_process)
@@ -572,7 +580,8 @@ def run_task(task: str, methods: list[str], a: argparse.Namespace, common: list[
                                         "kernel": a.kernel}) + "\n")
             if first:
                 zero_shot = summary.get("zero_shot_accuracy")
-            results[method].append(summary)
+            results[method].append({**summary, "seed": seed})
+    results = {m: runs for m, runs in results.items() if runs}
     if zero_shot is None:  # the first run was reused from a study that began with another method
         zero_shot = next((r["zero_shot_accuracy"] for runs in results.values() for r in runs
                           if r.get("zero_shot_accuracy") is not None), None)
@@ -586,6 +595,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         p.error("--data needs --model")
     if a.eval_data and not a.data:
         p.error("--eval-data needs --data")
+    if a.report and not a.out:
+        p.error("--report needs --out (the folder of a study's runs)")
     methods = study_methods(a, p)
     if a.smoke:
         a.seeds, a.steps, a.eval_samples, a.refresh_every, a.lr = 2, 3, 8, 2, 3e-3

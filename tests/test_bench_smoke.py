@@ -834,3 +834,11 @@ def test_head_diagnose_smoke_rows_and_the_correction_shrinks_the_error(capsys):
     with_grad = [r for r in rows if r["grad_none"] == r["grad_none"]]  # not NaN: the middle keep only
     assert [r["keep"] for r in with_grad] == [0.2] * 4
     assert all(r["grad_weighted"] < r["grad_none"] for r in with_grad)
+
+
+def test_accuracy_report_needs_the_runs_folder(capsys):
+    """--report tabulates an --out's finished runs: without --out it stops with one error line."""
+    acc = _accuracy()
+    with pytest.raises(SystemExit):
+        acc.main(["--report", "--tasks", "csqa"])
+    assert "error: --report needs --out" in capsys.readouterr().err
