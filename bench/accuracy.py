@@ -458,7 +458,7 @@ def share_table(task_rows: list[dict], share_rows: list[dict]) -> str:
               "median": ""} for name, key in (("zero-shot", "zero_shot"), ("lora", "lora"), ("gain", "gain"))]
     pct = lambda v: "-" if math.isnan(v) else f"{v:.0%}"  # noqa: E731
     def cell(r: dict, task: str) -> str:
-        se = r.get("share_se", {}).get(task, math.nan)
+        se = r["share_se"][task]
         return pct(r["shares"][task]) + ("" if math.isnan(se) else f" ± {se:.0%}")
 
     for r in share_rows:

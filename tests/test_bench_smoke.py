@@ -842,3 +842,14 @@ def test_accuracy_report_needs_the_runs_folder(capsys):
     with pytest.raises(SystemExit):
         acc.main(["--report", "--tasks", "csqa"])
     assert "error: --report needs --out" in capsys.readouterr().err
+
+
+def test_accuracy_deltas_are_paired_by_seed():
+    """A study stopped part-way (--report) may hold a method's seed 1 but not its seed 0: its delta is
+    the seed-1 difference alone, not seed 1 against LoRA's seed 0."""
+    acc = _accuracy()
+    run = lambda seed, a: {"seed": seed, "accuracy": a, "final_loss": 1.0, "eval_loss": 1.0,  # noqa: E731
+                           "train_time_s": 1.0, "layer_err": 0.1, "head_err": float("nan"), "mean_keep": 0.5}
+    rows = acc.aggregate("t", {"lora": [run(0, 0.40), run(1, 0.50)], "m": [run(1, 0.47)]}, 0.3)
+    m = next(r for r in rows if r["method"] == "m")
+    assert m["delta_vs_lora"] == pytest.approx(0.47 - 0.50) and m["seeds"] == 1

@@ -94,7 +94,8 @@ def assert_same_grads(got, want, rtol=1e-5, elementwise=True):
     assert got.keys() == want.keys() and want
     for name in want:
         a, b = got[name].float(), want[name].float()
-        assert relative_error(a, b) <= rtol, (name, relative_error(a, b))
+        error = relative_error(a, b)
+        assert error <= rtol, (name, error)
         if elementwise:
             torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * b.abs().max().item(), msg=lambda m: f"{name}: {m}")
 
